@@ -1,0 +1,35 @@
+"""Directional ablation hooks at every residual writer of every layer (SPEC 1.5)."""
+from collections.abc import Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from hooks import sites
+from hooks.ops import compute_dtype, project_out, unit
+
+HookFn = Callable[[Tensor, object], Tensor]
+
+
+def ablation_hook(direction: Float[Tensor, "d_model"]) -> HookFn:
+    """One hook function that returns x - (x . r_hat) r_hat, with r_hat normalised once, here.
+
+    The math runs in float32 (or float64 if the direction is float64) and the result is cast back to the
+    activation's dtype, so a bf16 model is ablated as precisely as its activations allow.
+    """
+    unit_dir = unit(direction.detach().to(torch.float64))
+
+    def hook(x: Tensor, hook: object) -> Tensor:
+        dtype = compute_dtype(x.dtype)
+        return project_out(x.to(dtype), unit_dir.to(device=x.device, dtype=dtype)).to(x.dtype)
+
+    return hook
+
+
+def ablation_hooks(direction: Float[Tensor, "d_model"], n_layers: int) -> list[tuple[str, HookFn]]:
+    """(hook name, function) pairs that ablate `direction` at every layer and every position.
+
+    Use as `with model.hooks(fwd_hooks=ablation_hooks(r, n_layers)): ...`.
+    """
+    hook = ablation_hook(direction)
+    return [(name, hook) for name in sites.residual_writers(n_layers)]

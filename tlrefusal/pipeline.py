@@ -1,0 +1,270 @@
+"""The extract pipeline (SPEC 1.1-1.6): data -> filtering -> candidate directions -> selection.
+
+Each step writes one artifact of the run folder (`tlrefusal.artifacts`) and is skipped when that
+artifact already exists for the same config, so an interrupted run resumes where it stopped.
+"""
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tlrefusal import __version__, artifacts
+from tlrefusal.activations import candidate_directions, last_logits, mean_activations
+from tlrefusal.chat import ChatFormat, refusal_phrases_for
+from tlrefusal.data import Prompt, Splits, load_prompts, prompts_hash, sample_splits
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.model import LoadedModel, ModelSource, load_model, resolve_source
+from tlrefusal.progress import NullProgress, Progress
+from tlrefusal.scoring import refusal_log_odds
+from tlrefusal.selection import SelectionConfig, SelectionResult, choose, score_candidates
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig:
+    model: str = "demo"
+    dtype: str = "float32"
+    device: str = "cpu"
+    harmful: str = "demo-harmful"
+    harmless: str = "demo-harmless"
+    # Separate validation pools (the paper's splits); without them val is drawn from what train left.
+    harmful_val: str | None = None
+    harmless_val: str | None = None
+    n_train: int = 128  # per label (SPEC 1.1)
+    n_val: int = 32  # per label
+    seed: int = 42
+    filter: bool = True  # keep harmful prompts with log-odds > 0 and harmless with < 0 (SPEC 1.1)
+    min_kept: int = 8  # stop with advice if fewer prompts than this survive filtering in any split
+    refusal_phrases: tuple[str, ...] | None = None  # None: the paper's phrases for the model family
+    refusal_token_ids: tuple[int, ...] | None = None  # overrides the phrases
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_val", "min_kept"):
+            if getattr(self, name) < 1:
+                raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.refusal_phrases is not None and not self.refusal_phrases:
+            raise TlrefusalError("refusal_phrases is empty")
+        if self.refusal_token_ids is not None and not self.refusal_token_ids:
+            raise TlrefusalError("refusal_token_ids is empty")
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for key in ("refusal_phrases", "refusal_token_ids"):
+            if data[key] is not None:
+                data[key] = list(data[key])
+        return data
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    run_dir: Path
+    kept: dict[str, tuple[int, int]]  # split -> (kept, sampled)
+    baseline_refusal: dict[str, float]  # split -> fraction with refusal log-odds > 0
+    selection: SelectionResult
+    direction: artifacts.RefusalDirection | None
+    eoi_tokens: list[str]
+    refusal_ids: list[int]
+    seconds: dict[str, float]
+
+
+def run_extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None = None, force: bool = False,
+                progress: Progress = NullProgress()) -> ExtractResult:
+    """Run (or resume) extraction into `run_dir`. Raises TlrefusalError if no candidate survives."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    pools = _load_pools(config, cache_dir)
+    source = resolve_source(config.model, cache_dir, progress)
+    identity = {"config": config.to_json(), "data_sha256": {k: prompts_hash(v) for k, v in pools.items()},
+                "model_loaded_from": source.to_json()["loaded_from"]}
+    _claim_run_dir(run_dir, identity, force)
+    seconds["setup"] = time.perf_counter() - started
+
+    t = time.perf_counter()
+    model = load_model(source, config.dtype, config.device, config.trust_remote_code, progress)
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    refusal_ids = _refusal_ids(config, chat, model.model_type)
+    seconds["load_model"] = time.perf_counter() - t
+    _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
+
+    t = time.perf_counter()
+    splits, log_odds = _sample_and_filter(run_dir, config, pools, model, chat, refusal_ids, progress)
+    seconds["filter"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    directions = _candidates(run_dir, model, chat, splits, config, progress)
+    seconds["candidates"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    selection = _select(run_dir, model, chat, directions, splits, refusal_ids, config, progress)
+    seconds["selection"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+    _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
+
+    direction = None
+    if selection.chosen is not None:
+        pos_index = chat.positions.index(selection.chosen.position)
+        direction = artifacts.RefusalDirection(directions[pos_index, selection.chosen.layer],
+                                               selection.chosen.layer, selection.chosen.position, source.spec)
+        direction.save(run_dir / artifacts.DIRECTION)
+    sampled = {name: len(log_odds[name]) for name in Splits.NAMES}
+    result = ExtractResult(
+        run_dir=run_dir,
+        kept={name: (len(getattr(splits, name)), sampled[name]) for name in Splits.NAMES},
+        baseline_refusal={name: sum(x > 0 for x in v) / len(v) for name, v in log_odds.items()},
+        selection=selection, direction=direction, eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids,
+        seconds=seconds,
+    )
+    return result
+
+
+def _load_pools(config: ExtractConfig, cache_dir: Path | None) -> dict[str, list[Prompt]]:
+    pools = {"harmful": load_prompts(config.harmful, cache_dir),
+             "harmless": load_prompts(config.harmless, cache_dir)}
+    if config.harmful_val is not None:
+        pools["harmful_val"] = load_prompts(config.harmful_val, cache_dir)
+    if config.harmless_val is not None:
+        pools["harmless_val"] = load_prompts(config.harmless_val, cache_dir)
+    return pools
+
+
+def _claim_run_dir(run_dir: Path, identity: dict, force: bool) -> None:
+    """Refuse a run folder made with another config, model or data; with --force, clear our artifacts."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TlrefusalError(f"{run_dir} exists and is not a folder")
+    config_path = run_dir / artifacts.CONFIG
+    if config_path.is_file():
+        previous = artifacts.read_json(config_path)
+        if previous != identity and not force:
+            raise TlrefusalError(f"{run_dir} holds a run made with a different setup (differs in: "
+                                 f"{', '.join(_differences(previous, identity))}); use another --out or --force")
+        if previous != identity or force:
+            _clear(run_dir)
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        if not force:
+            raise TlrefusalError(f"{run_dir} is not empty and is not a tlrefusal run; use another --out")
+        _clear(run_dir)
+    artifacts.write_json(config_path, identity)
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Names of the settings that differ, looking one level into the config."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys == ["config"]:
+        old_cfg, new_cfg = old.get("config", {}), new["config"]
+        keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    return keys
+
+
+def _clear(run_dir: Path) -> None:
+    for name in artifacts.ALL_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "plots", ignore_errors=True)
+
+
+def _refusal_ids(config: ExtractConfig, chat: ChatFormat, model_type: str) -> list[int]:
+    vocab = len(chat.tokenizer)
+    if config.refusal_token_ids is not None:
+        bad = [i for i in config.refusal_token_ids if not 0 <= i < vocab]
+        if bad:
+            raise TlrefusalError(f"refusal token ids {bad} are outside the vocabulary (size {vocab})")
+        return list(config.refusal_token_ids)
+    return chat.refusal_token_ids(config.refusal_phrases or refusal_phrases_for(model_type))
+
+
+def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, chat: ChatFormat,
+                    refusal_ids, pools, seconds) -> None:
+    import transformer_lens
+    import transformers
+
+    artifacts.write_json(run_dir / artifacts.MANIFEST, {
+        "tool": "tlrefusal", "tool_version": __version__,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__,
+                     "transformer_lens": getattr(transformer_lens, "__version__", "unknown")},
+        "threads": torch.get_num_threads(),
+        "model": {**source.to_json(), "model_type": model.model_type, "n_layers": model.n_layers,
+                  "d_model": model.d_model, "dtype": config.dtype},
+        "chat": {"suffix": chat.suffix, "eoi_ids": list(chat.eoi_ids), "eoi_tokens": chat.eoi_tokens,
+                 "positions": chat.positions},
+        "refusal": {"token_ids": refusal_ids, "tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids)},
+        "data": {name: {"source": getattr(config, name, None) or name, "n": len(p), "sha256": prompts_hash(p)}
+                 for name, p in pools.items()},
+        "seconds": seconds,
+    })
+
+
+def _sample_and_filter(run_dir, config: ExtractConfig, pools, model, chat, refusal_ids, progress
+                       ) -> tuple[Splits, dict[str, list[float]]]:
+    """Sample the four splits, score each prompt's baseline refusal log-odds, keep per the paper's filter."""
+    path = run_dir / artifacts.PROMPTS
+    if path.is_file():
+        saved = artifacts.read_json(path)
+    else:
+        sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
+                                pools.get("harmful_val"), pools.get("harmless_val"))
+        total = sum(len(v) for _, v in sampled.items())
+        saved = {}
+        with progress.task("Scoring baseline refusal of sampled prompts", total=total) as advance:
+            for name, prompts in sampled.items():
+                logits = last_logits(model, chat, [p.instruction for p in prompts],
+                                     batch_size=config.selection.batch_size, advance=advance)
+                scores = refusal_log_odds(logits, refusal_ids).tolist()
+                harmful = name.startswith("harmful")
+                saved[name] = [{**p.to_json(), "refusal_log_odds": s,
+                                "kept": (not config.filter) or (s > 0 if harmful else s < 0)}
+                               for p, s in zip(prompts, scores, strict=True)]
+        artifacts.write_json(path, saved)
+    splits = Splits(**{name: [Prompt(r["instruction"], r["category"]) for r in rows if r["kept"]]
+                       for name, rows in saved.items()})
+    log_odds = {name: [r["refusal_log_odds"] for r in rows] for name, rows in saved.items()}
+    short = [f"{name} {len(getattr(splits, name))}/{len(saved[name])}" for name in Splits.NAMES
+             if len(getattr(splits, name)) < config.min_kept]
+    if short:
+        raise TlrefusalError(
+            f"too few prompts survive the refusal filter ({', '.join(short)}; need {config.min_kept}): the model "
+            "barely refuses these harmful prompts, or refuses the harmless ones. Use a model that refuses "
+            "(the refusing organism), other prompts, or --no-filter; see prompts.json")
+    return splits, log_odds
+
+
+def _candidates(run_dir, model, chat, splits: Splits, config: ExtractConfig, progress) -> torch.Tensor:
+    path = run_dir / artifacts.CANDIDATES
+    if path.is_file():
+        return artifacts.read_tensors(path)["candidates"]
+    means = {}
+    total = len(splits.harmful_train) + len(splits.harmless_train)
+    with progress.task("Caching mean activations (harmful and harmless train)", total=total) as advance:
+        for label in ("harmful", "harmless"):
+            prompts = [p.instruction for p in getattr(splits, f"{label}_train")]
+            means[label] = mean_activations(model, chat, prompts, config.selection.batch_size, advance)
+    artifacts.write_tensors(run_dir / artifacts.MEANS, {"harmful_mean": means["harmful"],
+                                                         "harmless_mean": means["harmless"]},
+                            {"positions": ",".join(map(str, chat.positions))})
+    directions = candidate_directions(means["harmful"], means["harmless"])
+    artifacts.write_tensors(path, {"candidates": directions}, {"positions": ",".join(map(str, chat.positions))})
+    return directions
+
+
+def _select(run_dir, model, chat, directions, splits: Splits, refusal_ids, config: ExtractConfig, progress
+            ) -> SelectionResult:
+    path = run_dir / artifacts.SELECTION
+    if path.is_file():
+        return SelectionResult.from_json(artifacts.read_json(path))
+    scores = score_candidates(model, chat, directions, [p.instruction for p in splits.harmful_val],
+                              [p.instruction for p in splits.harmless_val], refusal_ids, config.selection,
+                              progress)
+    result = choose(scores, model.n_layers, config.selection)
+    artifacts.write_json(path, result.to_json())
+    from tlrefusal.plots import selection_heatmaps
+
+    artifacts.write_plot(run_dir / artifacts.PLOT, selection_heatmaps(result, chat.eoi_tokens))
+    return result
+
+
+def describe_failure(selection: SelectionResult) -> str:
+    counts = ", ".join(f"{reason}: {n}" for reason, n in selection.filter_counts().items())
+    return f"all candidate directions were filtered out ({counts}); see selection.json and plots/selection.png"

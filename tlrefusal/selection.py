@@ -1,0 +1,165 @@
+"""Score every candidate direction and choose one by the paper's criteria (SPEC 1.6). No file I/O.
+
+For each candidate r = r_i^(l) on the filtered validation sets:
+- bypass: mean refusal log-odds on harmful val under directional ablation of r_hat at every layer;
+- induce: mean refusal log-odds on harmless val under activation addition of r (c = +1) at layer l;
+- kl:     mean KL(P_base || P_ablated) at the last position on harmless val.
+Discard NaN scores, layers >= int(L * (1 - 0.2)), kl > 0.1 and induce < 0; choose the minimum bypass.
+Candidates the layer filter drops are never scored (their scores stay NaN).
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from hooks import ablation_hooks, addition_hooks
+from tlrefusal.activations import last_logits
+from tlrefusal.chat import ChatFormat
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.model import LoadedModel
+from tlrefusal.progress import NullProgress, Progress
+from tlrefusal.scoring import kl_divergence, refusal_log_odds
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectionConfig:
+    # The paper's filters (ORIG `select_direction` defaults).
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    prune_layer_fraction: float = 0.2
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prune_layer_fraction < 1.0:
+            raise TlrefusalError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
+        if self.kl_threshold < 0:
+            raise TlrefusalError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
+        if self.batch_size < 1:
+            raise TlrefusalError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def first_pruned_layer(self, n_layers: int) -> int:
+        """Layers at or above this index are discarded: int(L * (1 - fraction)) (SPEC 1.6 filter 2)."""
+        return int(n_layers * (1.0 - self.prune_layer_fraction))
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    position: int
+    layer: int
+    bypass_score: float
+    induce_score: float
+    kl_score: float
+    filtered: str | None = None  # why the candidate was discarded; None if it survived
+
+    def to_json(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CandidateScore":
+        nan = float("nan")
+        return cls(position=data["position"], layer=data["layer"],
+                   bypass_score=nan if data["bypass_score"] is None else data["bypass_score"],
+                   induce_score=nan if data["induce_score"] is None else data["induce_score"],
+                   kl_score=nan if data["kl_score"] is None else data["kl_score"],
+                   filtered=data.get("filtered"))
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    candidates: tuple[CandidateScore, ...]
+    chosen: CandidateScore | None
+    config: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def filter_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self.candidates:
+            key = c.filtered or "kept"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def survivors(self) -> list[CandidateScore]:
+        """Candidates that passed every filter, best (lowest bypass) first."""
+        return sorted((c for c in self.candidates if c.filtered is None), key=lambda c: c.bypass_score)
+
+    def to_json(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "chosen": None if self.chosen is None else self.chosen.to_json(),
+            "filter_counts": self.filter_counts(),
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SelectionResult":
+        return cls(candidates=tuple(CandidateScore.from_json(c) for c in data["candidates"]),
+                   chosen=None if data["chosen"] is None else CandidateScore.from_json(data["chosen"]),
+                   config=SelectionConfig(**data["config"]))
+
+
+def filter_reason(score: CandidateScore, n_layers: int, config: SelectionConfig) -> str | None:
+    """The first of the paper's filters that discards `score`, in ORIG's order, or None."""
+    if score.layer >= config.first_pruned_layer(n_layers):
+        return f"layer >= {config.first_pruned_layer(n_layers)}"
+    if any(math.isnan(s) for s in (score.bypass_score, score.induce_score, score.kl_score)):
+        return "nan score"
+    if score.kl_score > config.kl_threshold:
+        return f"kl > {config.kl_threshold}"
+    if score.induce_score < config.induce_threshold:
+        return f"induce < {config.induce_threshold}"
+    return None
+
+
+def choose(candidates: list[CandidateScore], n_layers: int, config: SelectionConfig) -> SelectionResult:
+    """Attach each candidate's filter reason and pick the survivor with the lowest bypass score."""
+    judged = tuple(
+        CandidateScore(c.position, c.layer, c.bypass_score, c.induce_score, c.kl_score,
+                       filter_reason(c, n_layers, config))
+        for c in candidates
+    )
+    survivors = [c for c in judged if c.filtered is None]
+    chosen = min(survivors, key=lambda c: c.bypass_score) if survivors else None
+    return SelectionResult(candidates=judged, chosen=chosen, config=config)
+
+
+def score_candidates(
+    model: LoadedModel,
+    chat: ChatFormat,
+    directions: Tensor,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    refusal_ids: list[int],
+    config: SelectionConfig,
+    progress: Progress = NullProgress(),
+) -> list[CandidateScore]:
+    """bypass / induce / KL for every (position, layer) the layer filter keeps; NaN for the rest.
+
+    `directions` is [n_pos, n_layer, d_model], indexed like `chat.positions`.
+    """
+    n_pos, n_layers, _ = directions.shape
+    if n_pos != len(chat.positions) or n_layers != model.n_layers:
+        raise TlrefusalError(f"candidate directions have shape {tuple(directions.shape)}, expected "
+                             f"({len(chat.positions)}, {model.n_layers}, {model.d_model})")
+    bs = config.batch_size
+    base_harmless = last_logits(model, chat, harmless_val, batch_size=bs)
+    last_scored = config.first_pruned_layer(n_layers)
+    nan = float("nan")
+    scores: list[CandidateScore] = []
+    n_scored = n_pos * min(last_scored, n_layers)
+    with progress.task("Scoring candidate directions", total=n_scored) as advance:
+        for i, position in enumerate(chat.positions):
+            for layer in range(n_layers):
+                if layer >= last_scored:
+                    scores.append(CandidateScore(position, layer, nan, nan, nan))
+                    continue
+                r = directions[i, layer]
+                ablate = ablation_hooks(r, n_layers)
+                # Harmful and harmless val share the ablation hooks: one pass over both sets.
+                ablated = last_logits(model, chat, harmful_val + harmless_val, ablate, batch_size=bs)
+                bypass = refusal_log_odds(ablated[: len(harmful_val)], refusal_ids).mean().item()
+                kl = kl_divergence(base_harmless, ablated[len(harmful_val):]).mean().item()
+                induced = last_logits(model, chat, harmless_val, addition_hooks(r, layer, 1.0), batch_size=bs)
+                induce = refusal_log_odds(induced, refusal_ids).mean().item()
+                scores.append(CandidateScore(position, layer, bypass, induce, kl))
+                advance(1)
+    return scores
