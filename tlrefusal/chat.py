@@ -63,17 +63,22 @@ class ChatFormat:
         return enc["input_ids"], enc["attention_mask"]
 
     def refusal_token_ids(self, phrases: tuple[str, ...]) -> list[int]:
-        """The first token of each phrase as written at the start of the assistant's reply."""
+        """The first token of each phrase as written at the start of the assistant's reply.
+
+        That is the first token where `prompt + phrase` tokenizes differently from `prompt`: after a
+        template ending in a space (Llama-2's '[/INST] '), the space and 'I' merge into one token '▁I'.
+        """
         prompt_ids = self.tokenizer.encode(self.format("Hello"), add_special_tokens=False)
         ids: list[int] = []
         for phrase in phrases:
             full = self.tokenizer.encode(self.format("Hello") + phrase, add_special_tokens=False)
-            if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
+            k = next((i for i, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b),
+                     min(len(prompt_ids), len(full)))
+            if k >= len(full):
                 raise TlrefusalError(f"cannot find the first token of refusal phrase {phrase!r} after the "
                                      "chat template; pass --refusal-token-ids")
-            token = full[len(prompt_ids)]
-            if token not in ids:
-                ids.append(token)
+            if full[k] not in ids:
+                ids.append(full[k])
         return ids
 
 

@@ -221,11 +221,12 @@ def _sample_and_filter(run_dir, config: ExtractConfig, pools, model, chat, refus
     splits = Splits(**{name: [Prompt(r["instruction"], r["category"]) for r in rows if r["kept"]]
                        for name, rows in saved.items()})
     log_odds = {name: [r["refusal_log_odds"] for r in rows] for name, rows in saved.items()}
+    # A split smaller than min_kept only has to keep all of its prompts.
     short = [f"{name} {len(getattr(splits, name))}/{len(saved[name])}" for name in Splits.NAMES
-             if len(getattr(splits, name)) < config.min_kept]
+             if len(getattr(splits, name)) < min(config.min_kept, len(saved[name]))]
     if short:
         raise TlrefusalError(
-            f"too few prompts survive the refusal filter ({', '.join(short)}; need {config.min_kept}): the model "
+            f"too few prompts survive the refusal filter ({', '.join(short)}; need {config.min_kept} each): the model "
             "barely refuses these harmful prompts, or refuses the harmless ones. Use a model that refuses "
             "(the refusing organism), other prompts, or --no-filter; see prompts.json")
     return splits, log_odds

@@ -1,0 +1,43 @@
+"""Regression guard for the transformers pin: TransformerBridge's KV-cached greedy generation.
+
+TransformerLens 4.1-4.3 generate garbage with a KV cache on transformers 5.24.0 (the cache argument was
+renamed); the pin `transformers>=5.9,<5.24` keeps it right. KV-cached greedy must equal uncached greedy,
+plain HF greedy, and, for each prompt, its own unbatched generation.
+"""
+import pytest
+import torch
+
+from tlrefusal.chat import ChatFormat
+
+PROMPTS = ["Hi", "Write a poem about the sea and the sky, please.", "Explain photosynthesis simply."]
+N_NEW = 8
+
+
+def bridge_greedy(model, ids, mask, use_cache):
+    out = model.bridge.generate(ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False,
+                                use_past_kv_cache=use_cache, return_type="tokens", verbose=False)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_kv_cached_greedy_equals_uncached_hf_and_unbatched(arch, tiny_models):
+    model = tiny_models[arch]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    ids, mask = chat.encode(PROMPTS)
+    with torch.no_grad():
+        cached = bridge_greedy(model, ids, mask, use_cache=True)
+        uncached = bridge_greedy(model, ids, mask, use_cache=False)
+        hf = model.bridge.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW,
+                                                   do_sample=False, min_new_tokens=N_NEW)[:, ids.shape[1]:]
+        singles = [bridge_greedy(model, *chat.encode([p]), use_cache=True)[0] for p in PROMPTS]
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, hf)
+    assert torch.equal(cached, torch.stack(singles))
+    assert len(set(map(tuple, cached.tolist()))) > 1  # not one degenerate continuation for every prompt
+
+
+def test_transformers_version_is_in_the_verified_range():
+    import transformers
+    from packaging.version import Version
+
+    assert Version("5.9") <= Version(transformers.__version__) < Version("5.24")

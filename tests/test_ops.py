@@ -1,0 +1,66 @@
+"""Property tests of the intervention math against the formulas written out plainly."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hooks import add_scaled, project_out, projection, unit
+from hooks.ablation import ablation_hook
+from hooks.addition import addition_hook
+
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+dims = st.integers(min_value=2, max_value=64)
+
+
+def rand(seed: int, *shape: int, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seeds, dims)
+def test_unit_has_norm_one_and_keeps_direction(seed, d):
+    r = rand(seed, d) * 7.3
+    r_hat = unit(r)
+    assert torch.isclose(r_hat.norm(), torch.tensor(1.0, dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(r_hat * r.norm(), r, atol=1e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(seeds, dims)
+def test_project_out_matches_formula_and_is_orthogonal(seed, d):
+    x, r = rand(seed, 3, 5, d), rand(seed + 1, d)
+    r_hat = r / (torch.sqrt((r * r).sum()) + 1e-8)
+    # The paper's formula, element by element: x' = x - (sum_k x_k r_hat_k) r_hat.
+    expected = x - (x * r_hat).sum(-1, keepdim=True) * r_hat
+    out = project_out(x, unit(r))
+    assert torch.allclose(out, expected, atol=1e-10)
+    # Not exactly 0: r_hat = r / (|r| + 1e-8) is a hair shorter than a unit vector (ORIG's epsilon).
+    assert projection(out, unit(r)).abs().max() < 1e-6 * (1 + x.norm(dim=-1).max())
+    assert torch.allclose(project_out(out, unit(r)), out, atol=1e-6)  # idempotent
+
+
+@settings(max_examples=30, deadline=None)
+@given(seeds, dims, st.floats(min_value=-3, max_value=3, allow_nan=False))
+def test_add_scaled_matches_formula(seed, d, c):
+    x, r = rand(seed, 2, 4, d), rand(seed + 1, d)
+    assert torch.allclose(add_scaled(x, r, c), x + c * r)
+
+
+def test_hooks_keep_activation_dtype_and_compute_in_float32():
+    r = rand(0, 16)
+    x = rand(1, 2, 3, 16, dtype=torch.float32).to(torch.bfloat16)
+    ablated = ablation_hook(r)(x, None)
+    assert ablated.dtype == torch.bfloat16
+    # Computed in float32 then rounded once: as close to the float64 result as bf16 can be.
+    exact = project_out(x.to(torch.float64), unit(r))
+    assert (ablated.to(torch.float64) - exact).abs().max() <= exact.abs().max() * 2**-7
+    added = addition_hook(r.to(torch.float32), 2.0)(x, None)
+    assert added.dtype == torch.bfloat16
+    assert torch.allclose(added.double(), x.double() + 2.0 * r, atol=0.1)
+
+
+def test_hook_returns_new_tensor_and_leaves_input_alone():
+    x = rand(2, 2, 3, 8, dtype=torch.float32)
+    before = x.clone()
+    out = ablation_hook(rand(3, 8))(x, None)
+    assert out.data_ptr() != x.data_ptr()
+    assert torch.equal(x, before)
