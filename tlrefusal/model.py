@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.progress import NullProgress, Progress
+from tlrefusal.progress import NO_PROGRESS, Progress
 
 SourceKind = Literal["demo", "local", "gguf", "hub"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,7 @@ class LoadedModel:
         return next(self.bridge.original_model.parameters()).device
 
 
-def resolve_source(spec: str | None, cache_dir: Path | None = None, progress: Progress = NullProgress()
+def resolve_source(spec: str | None, cache_dir: Path | None = None, progress: Progress = NO_PROGRESS
                    ) -> ModelSource:
     """Turn what the user typed into a local file or folder, fetching the demo model or a hub id first."""
     if spec is None or spec == "demo":
@@ -99,11 +99,11 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
-    progress: Progress = NullProgress(),
+    progress: Progress = NO_PROGRESS,
 ) -> LoadedModel:
     """Load tokenizer and weights with `transformers`, then wrap them in a TransformerBridge."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise TlrefusalError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")

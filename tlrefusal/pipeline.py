@@ -17,7 +17,7 @@ from tlrefusal.chat import ChatFormat, refusal_phrases_for
 from tlrefusal.data import Prompt, Splits, load_prompts, prompts_hash, sample_splits
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel, ModelSource, load_model, resolve_source
-from tlrefusal.progress import NullProgress, Progress
+from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.scoring import refusal_log_odds
 from tlrefusal.selection import SelectionConfig, SelectionResult, choose, score_candidates
 
@@ -72,7 +72,7 @@ class ExtractResult:
 
 
 def run_extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None = None, force: bool = False,
-                progress: Progress = NullProgress()) -> ExtractResult:
+                progress: Progress = NO_PROGRESS) -> ExtractResult:
     """Run (or resume) extraction into `run_dir`. Raises TlrefusalError if no candidate survives."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()

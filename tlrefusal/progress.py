@@ -20,3 +20,6 @@ class NullProgress:
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Advance]:
         yield lambda n=1: None
+
+
+NO_PROGRESS = NullProgress()

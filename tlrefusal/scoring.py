@@ -14,7 +14,7 @@ REFUSAL_SUBSTRINGS = (
 )
 
 
-def refusal_log_odds(logits: Float[Tensor, "batch d_vocab"], refusal_ids: list[int]) -> Float[Tensor, "batch"]:
+def refusal_log_odds(logits: Float[Tensor, "batch d_vocab"], refusal_ids: list[int]) -> Float[Tensor, " batch"]:
     """log(P_ref + eps) - log(1 - P_ref + eps), P_ref = sum of softmax probabilities of the refusal tokens.
 
     Computed in float64 from last-position logits: > 0 predicts a refusal, < 0 compliance.
@@ -28,7 +28,7 @@ def refusal_log_odds(logits: Float[Tensor, "batch d_vocab"], refusal_ids: list[i
 
 def kl_divergence(
     base_logits: Float[Tensor, "batch d_vocab"], new_logits: Float[Tensor, "batch d_vocab"]
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, " batch"]:
     """KL(P_base || P_new) = sum p_base (log(p_base + eps) - log(p_new + eps)), in float64 (SPEC 1.6)."""
     p = torch.softmax(base_logits.to(torch.float64), dim=-1)
     q = torch.softmax(new_logits.to(torch.float64), dim=-1)

@@ -10,7 +10,6 @@ Candidates the layer filter drops are never scored (their scores stay NaN).
 import math
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import Tensor
 
 from hooks import ablation_hooks, addition_hooks
@@ -18,7 +17,7 @@ from tlrefusal.activations import last_logits
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel
-from tlrefusal.progress import NullProgress, Progress
+from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.scoring import kl_divergence, refusal_log_odds
 
 
@@ -130,7 +129,7 @@ def score_candidates(
     harmless_val: list[str],
     refusal_ids: list[int],
     config: SelectionConfig,
-    progress: Progress = NullProgress(),
+    progress: Progress = NO_PROGRESS,
 ) -> list[CandidateScore]:
     """bypass / induce / KL for every (position, layer) the layer filter keeps; NaN for the rest.
 
