@@ -177,14 +177,12 @@ def _refusal_ids(config: ExtractConfig, chat: ChatFormat, model_type: str) -> li
 
 def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, chat: ChatFormat,
                     refusal_ids, pools, seconds) -> None:
-    import transformer_lens
-    import transformers
+    from importlib.metadata import version
 
     artifacts.write_json(run_dir / artifacts.MANIFEST, {
         "tool": "tlrefusal", "tool_version": __version__,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__,
-                     "transformer_lens": getattr(transformer_lens, "__version__", "unknown")},
+                     "transformers": version("transformers"), "transformer_lens": version("transformer-lens")},
         "threads": torch.get_num_threads(),
         "model": {**source.to_json(), "model_type": model.model_type, "n_layers": model.n_layers,
                   "d_model": model.d_model, "dtype": config.dtype},
