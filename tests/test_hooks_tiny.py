@@ -134,3 +134,25 @@ def test_mean_recorder_counts_and_rejects_bad_positions():
     assert torch.allclose(rec.mean()[:, 0], x[:, 1:].double().mean(0))
     with pytest.raises(ValueError):
         MeanRecorder([0], [0], 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_shared_template_head_gives_the_same_logits(arch, tiny_models):
+    from tlrefusal.activations import shared_prefix_length
+
+    model = tiny_models[arch]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    assert shared_prefix_length(chat.tokenize(PROMPTS)) >= 2  # the template's head, e.g. '<|im_start|>user\n'
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(4))
+    for hooks in ([], ablation_hooks(r, model.n_layers), addition_hooks(r, 1, 1.0)):
+        shared = last_logits(model, chat, PROMPTS, hooks, batch_size=2)
+        plain = last_logits(model, chat, PROMPTS, hooks, batch_size=2, share_prefix=False)
+        assert torch.allclose(shared, plain, atol=1e-4), (shared - plain).abs().max()
+
+
+def test_shared_prefix_length_leaves_a_token():
+    from tlrefusal.activations import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix_length([[7, 8, 9]]) == 2

@@ -3,6 +3,7 @@
 Every call tokenizes with the model's chat format (left padding, explicit attention mask) and runs the
 TransformerBridge under `model.bridge.hooks(...)`, so interventions are plain hook lists.
 """
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from hooks import MeanRecorder
 from hooks.ablation import HookFn
-from tlrefusal.chat import ChatFormat
+from tlrefusal.chat import ChatFormat, left_pad
 from tlrefusal.model import LoadedModel
 from tlrefusal.progress import Advance
 
@@ -19,6 +20,25 @@ from tlrefusal.progress import Advance
 def batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def length_sorted_batches(token_lists: Sequence[Sequence[int]], size: int):
+    """Batches of row indices whose prompts have similar token lengths.
+
+    Left padding costs compute in proportion to the length spread within a batch; sorting by length first
+    removes most of it without changing any prompt's result (each row's logits depend only on its tokens).
+    """
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    yield from batches(order, size)
+
+
+def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with (the chat template's head), leaving each prompt at least one more."""
+    shortest = min(map(len, token_lists))
+    n = 0
+    while n < shortest - 1 and len({tokens[n] for tokens in token_lists}) == 1:
+        n += 1
+    return n
 
 
 @torch.inference_mode()
@@ -29,21 +49,38 @@ def last_logits(
     fwd_hooks: list[tuple[str, HookFn]] = (),
     batch_size: int = 32,
     advance: Advance | None = None,
+    share_prefix: bool = True,
 ) -> Float[Tensor, "n d_vocab"]:
-    """Logits at the last prompt position, under `fwd_hooks`, as float32 on the CPU.
+    """Logits at the last prompt position, under `fwd_hooks`, as float32 on the CPU, in input order.
 
-    `logits_to_keep=1` applies the unembedding at the last position only; the result is identical to
-    slicing the full logits (tests/test_activations.py) and saves the vocabulary-sized matmul elsewhere.
+    Three savings leave every row's result unchanged (up to float rounding; tests compare with plain
+    full passes): the template head that all prompts share is run once, under the same hooks, and its
+    KV cache reused by every batch; prompts are batched by length, so little compute goes to padding;
+    and `logits_to_keep=1` applies the unembedding at the last position only.
     """
-    out = []
+    tokens = chat.tokenize(instructions)
+    n_shared = shared_prefix_length(tokens) if share_prefix else 0
+    out: list[torch.Tensor | None] = [None] * len(tokens)
+    device = model.device
     with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-        for batch in batches(list(instructions), batch_size):
-            ids, mask = chat.encode(batch)
-            logits = model.bridge(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
-            out.append(logits[:, -1, :].float().cpu())
+        prefix_cache = None
+        if n_shared > 0:
+            head = torch.tensor([tokens[0][:n_shared]], device=device)
+            _, prefix_cache = model.bridge(head, return_type="logits_and_cache", logits_to_keep=1)
+        for indices in length_sorted_batches(tokens, batch_size):
+            ids, mask = left_pad([tokens[i][n_shared:] for i in indices], chat.tokenizer.pad_token_id)
+            kwargs = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(indices))
+                mask = torch.cat([torch.ones(len(indices), n_shared, dtype=mask.dtype), mask], dim=1)
+                kwargs["past_key_values"] = cache
+            logits = model.bridge(ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, **kwargs)
+            for i, row in zip(indices, logits[:, -1, :].float().cpu(), strict=True):
+                out[i] = row
             if advance is not None:
-                advance(len(batch))
-    return torch.cat(out)
+                advance(len(indices))
+    return torch.stack(out)
 
 
 @torch.inference_mode()
@@ -61,11 +98,12 @@ def mean_activations(
     """
     recorder = MeanRecorder(chat.positions, list(range(model.n_layers)), model.d_model)
     with model.bridge.hooks(fwd_hooks=recorder.hooks()):
-        for batch in batches(list(instructions), batch_size):
-            ids, mask = chat.encode(batch)
+        tokens = chat.tokenize(instructions)
+        for indices in length_sorted_batches(tokens, batch_size):
+            ids, mask = left_pad([tokens[i] for i in indices], chat.tokenizer.pad_token_id)
             model.bridge(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
             if advance is not None:
-                advance(len(batch))
+                advance(len(indices))
     means = recorder.mean()
     if not torch.isfinite(means).all():
         raise FloatingPointError("mean activations contain NaN or inf")

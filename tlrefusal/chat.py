@@ -56,11 +56,13 @@ class ChatFormat:
     def eoi_tokens(self) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(list(self.eoi_ids))
 
-    def encode(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, instructions) -> list[list[int]]:
+        """Token ids of each instruction in chat format; the template writes any BOS itself."""
+        return [self.tokenizer.encode(self.format(x), add_special_tokens=False) for x in instructions]
+
+    def encode(self, instructions) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded token ids and attention mask for a batch of instructions in chat format."""
-        enc = self.tokenizer([self.format(x) for x in instructions], add_special_tokens=False,
-                             padding=True, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        return left_pad(self.tokenize(instructions), self.tokenizer.pad_token_id)
 
     def refusal_token_ids(self, phrases: tuple[str, ...]) -> list[int]:
         """The first token of each phrase as written at the start of the assistant's reply.
@@ -80,6 +82,17 @@ class ChatFormat:
             if full[k] not in ids:
                 ids.append(full[k])
         return ids
+
+
+def left_pad(token_lists, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and the matching attention mask: the last tokens of every row line up."""
+    width = max(map(len, token_lists))
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
 
 
 def refusal_phrases_for(model_type: str) -> tuple[str, ...]:

