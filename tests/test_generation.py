@@ -41,3 +41,23 @@ def test_transformers_version_is_in_the_verified_range():
     from packaging.version import Version
 
     assert Version("5.9") <= Version(transformers.__version__) < Version("5.24")
+
+
+def test_greedy_completions_match_hf_and_apply_hooks(tiny_models):
+    from hooks import addition_hooks
+    from tlrefusal.generation import greedy_completions
+
+    model = tiny_models["llama"]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    ours = greedy_completions(model, chat, PROMPTS, N_NEW)
+    ids, mask = chat.encode(PROMPTS)
+    with torch.no_grad():
+        hf = model.bridge.original_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW,
+                                                   do_sample=False)[:, ids.shape[1]:]
+    eos = model.tokenizer.eos_token_id
+    expected = [model.tokenizer.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
+                for row in hf.tolist()]
+    assert ours == expected
+    push = torch.randn(model.d_model, generator=torch.Generator().manual_seed(9)) * 20
+    steered = greedy_completions(model, chat, PROMPTS, N_NEW, addition_hooks(push, 1, 1.0))
+    assert steered != ours

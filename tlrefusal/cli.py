@@ -193,6 +193,8 @@ def demo(
     n_val: Annotated[int, typer.Option(help="Validation prompts per label (paper: 32).")] = 32,
     eval_n: Annotated[int, typer.Option(help="Held-out prompts per label for the intervention check.")] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Reply length for the intervention check.")] = 32,
+    kl_threshold: Annotated[float, typer.Option(help="KL filter for the organism (the paper's is 0.1; the "
+                                                     "organism's direction costs more, see the README).")] = 2.0,
     force: Annotated[bool, typer.Option(help="Recompute the extraction.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -202,12 +204,15 @@ def demo(
     from tlrefusal.pipeline import describe_failure
 
     try:
-        result = run_demo(out_dir, n_train, n_val, eval_n, max_new_tokens, cache_dir, force,
+        result = run_demo(out_dir, n_train, n_val, eval_n, max_new_tokens, kl_threshold, cache_dir, force,
                           RichProgress(console))
     except TlrefusalError as exc:
         _fail(str(exc))
     _render_organism(result.organism_dir, result.organism_card)
     _render_extract(result.extract)
+    selection = result.extract.selection.config
+    out.print(f"filters: KL <= {selection.kl_threshold} (paper: 0.1), induce >= {selection.induce_threshold}, "
+              f"last {selection.prune_layer_fraction:.0%} of layers dropped")
     if result.refusal is None:
         _fail(describe_failure(result.extract.selection))
     table = Table(title=f"refusal on held-out prompts (greedy, {max_new_tokens} tokens, substring match)")

@@ -15,8 +15,13 @@ from tlrefusal.organism import OrganismRecipe, build_organism
 from tlrefusal.pipeline import ExtractConfig, ExtractResult, run_extract
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.scoring import is_refusal
+from tlrefusal.selection import SelectionConfig
 
 SUMMARY = "demo_summary.json"
+# The organism's best candidates move harmless next-token distributions far more than the paper's 2B-70B
+# models do (KL about 1.2 at the best bypassing candidate, against the paper's 0.1 filter; see the README),
+# so the demo relaxes the KL filter and prints that it did. `tlrefusal extract` keeps the paper's 0.1.
+DEMO_KL_THRESHOLD = 2.0
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,11 @@ class DemoResult:
 
 
 def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 32, max_new_tokens: int = 32,
-             cache_dir: Path | None = None, force: bool = False, progress: Progress = NO_PROGRESS) -> DemoResult:
+             kl_threshold: float = DEMO_KL_THRESHOLD, cache_dir: Path | None = None, force: bool = False,
+             progress: Progress = NO_PROGRESS) -> DemoResult:
     folder, card = build_organism(OrganismRecipe(), cache_dir=cache_dir, progress=progress)
-    config = ExtractConfig(model=str(folder), n_train=n_train, n_val=n_val)
+    config = ExtractConfig(model=str(folder), n_train=n_train, n_val=n_val,
+                           selection=SelectionConfig(kl_threshold=kl_threshold))
     result = run_extract(config, run_dir, cache_dir=cache_dir, force=force, progress=progress)
     if result.direction is None:
         return DemoResult(folder, card, result, None)
