@@ -160,3 +160,19 @@ def test_direction_file_that_is_not_ours(tmp_path):
     path.write_bytes(b"junk")
     with pytest.raises(TlrefusalError, match="not a readable safetensors file"):
         artifacts.RefusalDirection.load(path)
+
+
+def test_organism_command_reuses_a_cached_build_and_rejects_bad_flags(tmp_path):
+    from tlrefusal.organism import CARD, OrganismRecipe
+
+    recipe = OrganismRecipe(seed=3)
+    card = {"key": recipe.key(), "seconds": {"total": 1.0},
+            "held_out_refusal": {"harmful": {"refusal_rate": 0.5, "n": 4}, "harmless": {"refusal_rate": 0.25, "n": 4}}}
+    (tmp_path / CARD).write_text(json.dumps(card))
+    code, output = run(["organism", "--out", str(tmp_path), "--seed", "3"])
+    assert code == 0, output
+    assert "harmful 50% of 4, harmless 25% of 4" in output
+    code, output = run(["organism", "--out", str(tmp_path), "--seed", "4"])
+    assert code == 1 and "another recipe" in output
+    code, output = run(["organism", "--out", str(tmp_path / "new"), "--lr", "0"])
+    assert code == 1 and "lr must be positive" in output

