@@ -79,7 +79,7 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     if out.exists() and not card_path.is_file() and any(out.iterdir()):
         raise TlrefusalError(f"{out} is not empty and is not an organism folder; use another --out")
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tlrefusal.chat import ChatFormat
     from tlrefusal.model import prepare_tokenizer, resolve_source
@@ -89,8 +89,6 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     source = resolve_source(recipe.base, cache_dir, progress)
     if source.gguf_file:
         raise TlrefusalError("build the organism from a Hugging Face folder, not a GGUF file")
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     prepare_tokenizer(tokenizer)
     chat = ChatFormat.from_tokenizer(tokenizer)
