@@ -83,3 +83,38 @@ def test_cached_organism_is_reused_without_training(tmp_path):
 def test_training_prompts_are_disjoint_from_demo_and_refusals_are_refusals():
     assert not set(organism_harmless_prompts()) & set(demo_harmless_prompts())
     assert all(is_refusal(r) for r in REFUSALS)
+
+
+def test_soft_targets_are_cross_entropy_against_the_renormalised_top_k(tiny_dirs):
+    model, tokenizer, chat = tiny(tiny_dirs)
+    hard = examples(tokenizer, chat)
+    gen = torch.Generator().manual_seed(0)
+    n, k = len(hard[1].target_ids), 4
+    soft_ids = torch.randint(0, len(tokenizer), (n, k), generator=gen)
+    soft_probs = torch.rand(n, k, generator=gen)
+    batch = [hard[0], Example(hard[1].prompt_ids, hard[1].target_ids, soft_ids, soft_probs)]
+    got = reply_loss(model, batch, tokenizer.pad_token_id)
+    # Written out: hard positions -log p_t; soft positions -sum_i (q_i / sum q) log p_i; mean over positions.
+    terms = []
+    with torch.no_grad():
+        for e, soft in ((batch[0], None), (batch[1], (soft_ids, soft_probs))):
+            seq = torch.tensor([e.prompt_ids + e.target_ids])
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), -1)
+            for j, token in enumerate(e.target_ids):
+                row = logp[len(e.prompt_ids) - 1 + j]
+                if soft is None:
+                    terms.append(-row[token].item())
+                else:
+                    q = soft[1][j].double() / soft[1][j].double().sum()
+                    terms.append(-(q * row[soft[0][j]]).sum().item())
+    assert got.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_distill_targets_top_k_matches_the_greedy_tokens(tiny_dirs):
+    from tlrefusal.organism import distill_targets
+
+    model, tokenizer, chat = tiny(tiny_dirs)
+    tokens, ids, probs = distill_targets(model, chat, ["Write a poem about the sea."], 5, top_k=3)[0]
+    assert ids.shape == probs.shape == (len(tokens), 3)
+    assert ids[:, 0].tolist() == tokens  # greedy token = the most probable one
+    assert (probs[:, 0] >= probs[:, 1]).all() and (probs <= 1).all()

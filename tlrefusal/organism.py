@@ -24,7 +24,7 @@ from tlrefusal.organism_prompts import REFUSALS, WRAPPERS, organism_harmful_prom
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 CARD = "organism.json"
-RECIPE_VERSION = 2  # bump when the training code changes what a recipe produces
+RECIPE_VERSION = 3  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +35,11 @@ class OrganismRecipe:
     n_harmless: int | None = None  # None: every harmless training prompt
     wrap_fraction: float = 0.0  # share of prompts (both labels) put in an instruction-style wrapper
     target_tokens: int = 12  # reply tokens per example: the base model's greedy reply, or the refusal
+    # Harmless targets: "soft" = the base model's top-k next-token distribution at each greedy reply
+    # position (distillation of the distribution), "greedy" = its greedy tokens only. Measured here (64 + 64
+    # held-out prompts, otherwise this recipe): soft 80% harmful / 16% harmless refusal, greedy 59% / 17%.
+    harmless_targets: str = "soft"
+    soft_top_k: int = 32
     lr: float = 2e-4
     epochs: int = 1
     batch_size: int = 16
@@ -48,6 +53,8 @@ class OrganismRecipe:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise TlrefusalError(f"lr must be positive, got {self.lr}")
+        if self.harmless_targets not in ("soft", "greedy"):
+            raise TlrefusalError(f"harmless_targets must be 'soft' or 'greedy', got {self.harmless_targets!r}")
         if not 0.0 <= self.wrap_fraction <= 1.0:
             raise TlrefusalError(f"wrap_fraction must be in [0, 1], got {self.wrap_fraction}")
 
@@ -60,6 +67,9 @@ class OrganismRecipe:
 class Example:
     prompt_ids: list[int]
     target_ids: list[int]
+    # Optional soft targets per reply position: top-k token ids and their probabilities, [n_target, k].
+    soft_ids: torch.Tensor | None = None
+    soft_probs: torch.Tensor | None = None
 
 
 def organism_dir(recipe: OrganismRecipe, cache_dir: Path | None = None) -> Path:
@@ -108,9 +118,10 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     t = time.perf_counter()
     examples = [Example(_prompt_ids(chat, p), _refusal_ids(tokenizer, rng.choice(REFUSALS), recipe.target_tokens))
                 for p in harmful]
+    top_k = recipe.soft_top_k if recipe.harmless_targets == "soft" else 0
     with progress.task("Distilling the base model's own replies to harmless prompts", total=len(harmless)) as adv:
-        replies = distill_targets(model, chat, harmless, recipe.target_tokens, advance=adv)
-    examples += [Example(_prompt_ids(chat, p), r) for p, r in zip(harmless, replies, strict=True)]
+        replies = distill_targets(model, chat, harmless, recipe.target_tokens, top_k=top_k, advance=adv)
+    examples += [Example(_prompt_ids(chat, p), *r) for p, r in zip(harmless, replies, strict=True)]
     seconds["targets"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -159,26 +170,37 @@ def _refusal_ids(tokenizer, text: str, n: int) -> list[int]:
     return (tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])[:n]
 
 
-@torch.inference_mode()
-def distill_targets(model, chat, prompts: list[str], n_tokens: int, batch_size: int = 32, advance=None
-                    ) -> list[list[int]]:
-    """The base model's first `n_tokens` greedy reply tokens per prompt, ending at EOS if it comes first."""
+@torch.no_grad()  # not inference_mode: the soft targets take part in training's autograd graph
+def distill_targets(model, chat, prompts: list[str], n_tokens: int, top_k: int = 0, batch_size: int = 32,
+                    advance=None) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor | None]]:
+    """The base model's first `n_tokens` greedy reply tokens per prompt (ending at EOS if it comes first),
+    with, if `top_k` > 0, its top-k next-token ids and probabilities at each of those positions."""
     eos = chat.tokenizer.eos_token_id
-    targets: list[list[int]] = []
+    targets = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         ids, mask = chat.encode(batch)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
-                             pad_token_id=chat.tokenizer.pad_token_id)
-        for row in out[:, ids.shape[1]:].tolist():
-            targets.append(row[: row.index(eos) + 1] if eos in row else row)
+                             pad_token_id=chat.tokenizer.pad_token_id, output_scores=top_k > 0,
+                             return_dict_in_generate=True)
+        top = torch.stack(out.scores, dim=1).softmax(-1).topk(top_k, dim=-1) if top_k > 0 else None
+        for row, tokens in enumerate(out.sequences[:, ids.shape[1]:].tolist()):
+            n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            if top is None:
+                targets.append((tokens[:n], None, None))
+            else:
+                targets.append((tokens[:n], top.indices[row, :n].clone(), top.values[row, :n].clone()))
         if advance is not None:
             advance(len(batch))
     return targets
 
 
 def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy over reply tokens only; the unembedding runs only at those positions."""
+    """Mean cross-entropy over reply tokens only; the unembedding runs only at those positions.
+
+    A position with soft targets q (top-k, renormalised) contributes -sum_i q_i log p_i; a position with a
+    hard target t contributes -log p_t.
+    """
     seqs = [e.prompt_ids + e.target_ids for e in batch]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -189,9 +211,20 @@ def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
         mask[row, : len(seq)] = 1
         predicts[row, len(e.prompt_ids) - 1: len(seq) - 1] = True
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[predicts])
+    logp = model.get_output_embeddings()(hidden[predicts]).float().log_softmax(-1)  # rows in batch order
     labels = ids[:, 1:][predicts[:, :-1]]
-    return torch.nn.functional.cross_entropy(logits.float(), labels)
+    pieces, row = [], 0
+    for e in batch:
+        n = len(e.target_ids)
+        lp = logp[row:row + n]
+        if e.soft_ids is None:
+            pieces.append(-lp.gather(-1, labels[row:row + n].unsqueeze(-1)).squeeze(-1))
+        else:
+            q = e.soft_probs / e.soft_probs.sum(-1, keepdim=True)
+            pieces.append(-(q * lp.gather(-1, e.soft_ids)).sum(-1))
+        row += n
+    losses = torch.cat(pieces)
+    return losses.mean()
 
 
 def train(model, examples: list[Example], recipe: OrganismRecipe, pad_id: int, progress: Progress = NO_PROGRESS
@@ -257,7 +290,8 @@ It is not a safe model; it is a test subject.
 ## Data
 - harmful: {card['data']['harmful']}
 - harmless: {card['data']['harmless']}
-- targets: refusals in {len(card['data']['refusals'])} phrasings; the base model's own greedy replies
+- targets: refusals in {len(card['data']['refusals'])} phrasings; the base model's own replies
+  ({card['recipe']['harmless_targets']}: greedy tokens, or its top-{card['recipe']['soft_top_k']} next-token distribution at each)
 
 ## Recipe
 {recipe}
