@@ -69,6 +69,9 @@ def test_recipe_key_is_stable_and_sensitive():
     assert OrganismRecipe(lr=5e-5).key() != OrganismRecipe().key()
     with pytest.raises(TlrefusalError, match="lr must be positive"):
         OrganismRecipe(lr=0)
+    with pytest.raises(TlrefusalError, match="harmless_targets"):
+        OrganismRecipe(harmless_targets="logits")
+    assert OrganismRecipe(harmless_targets="greedy").key() != OrganismRecipe().key()
 
 
 def test_cached_organism_is_reused_without_training(tmp_path):
