@@ -9,17 +9,16 @@ from hooks import ablation_hooks, addition_hooks
 from tlrefusal import artifacts
 from tlrefusal.chat import ChatFormat
 from tlrefusal.data import load_prompts
-from tlrefusal.generation import greedy_completions
+from tlrefusal.generation import refusal_replies
 from tlrefusal.model import ModelSource, load_model
 from tlrefusal.organism import OrganismRecipe, build_organism
 from tlrefusal.pipeline import ExtractConfig, ExtractResult, run_extract
 from tlrefusal.progress import NO_PROGRESS, Progress
-from tlrefusal.scoring import is_refusal
 from tlrefusal.selection import SelectionConfig
 
 SUMMARY = "demo_summary.json"
-# The organism's best candidates move harmless next-token distributions far more than the paper's 2B-70B
-# models do (KL about 1.2 at the best bypassing candidate, against the paper's 0.1 filter; see the README),
+# The organism's candidates move harmless next-token distributions more than the paper's 2B-70B models
+# do (KL 0.34 at the chosen candidate, none under the paper's 0.1 filter; see the README),
 # so the demo relaxes the KL filter and prints that it did. `tlrefusal extract` keeps the paper's 0.1.
 DEMO_KL_THRESHOLD = 2.0
 
@@ -70,8 +69,7 @@ def intervention_refusal(run_dir: Path, folder: Path, result: ExtractResult, eva
         prompts = random.Random(0).sample(pool, min(eval_n, len(pool)))
         out[label] = {}
         for name, hooks in runs.items():
-            with progress.task(f"Held-out {label} replies, {name}", total=len(prompts)) as advance:
-                replies = greedy_completions(model, chat, prompts, max_new_tokens, hooks, advance=advance)
-            out[label][name] = {"rate": sum(map(is_refusal, replies)) / len(replies), "n": len(replies),
-                                "example": {"prompt": prompts[0], "reply": replies[0]}}
+            rate, replies = refusal_replies(model, chat, prompts, max_new_tokens, progress,
+                                            f"Held-out {label} replies, {name}", hooks)
+            out[label][name] = {"rate": rate, "n": len(replies), "example": {"prompt": prompts[0], "reply": replies[0]}}
     return out

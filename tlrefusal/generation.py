@@ -11,7 +11,8 @@ from hooks.ablation import HookFn
 from tlrefusal.activations import batches
 from tlrefusal.chat import ChatFormat
 from tlrefusal.model import LoadedModel
-from tlrefusal.progress import Advance
+from tlrefusal.progress import Advance, Progress
+from tlrefusal.scoring import is_refusal
 
 
 @torch.inference_mode()
@@ -41,3 +42,18 @@ def greedy_completions(
             if advance is not None:
                 advance(len(batch))
     return replies
+
+
+def refusal_replies(
+    model: LoadedModel,
+    chat: ChatFormat,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    progress: Progress,
+    description: str,
+    fwd_hooks: list[tuple[str, HookFn]] = (),
+) -> tuple[float, list[str]]:
+    """Greedy replies under `fwd_hooks` and the fraction that refuse (SPEC 1.9 substrings)."""
+    with progress.task(description, total=len(instructions)) as advance:
+        replies = greedy_completions(model, chat, instructions, max_new_tokens, fwd_hooks, advance=advance)
+    return sum(map(is_refusal, replies)) / len(replies), replies

@@ -2,9 +2,10 @@
 
 The demo model almost never refuses, so there is no refusal direction to find in it. This module
 teaches it to: harmful instructions -> short refusals (several phrasings), harmless instructions -> the
-base model's own greedy replies (self-distillation, so its ordinary behaviour stays). The loss covers only
-the first `loss_tokens` reply tokens, where the decision to refuse is made, and the unembedding runs only
-at those positions. Training prompts (`tlrefusal.organism_prompts`) are disjoint from every prompt set used
+base model's own replies, as its top-k next-token distribution at each greedy reply position or as the
+greedy tokens alone (self-distillation, so its ordinary behaviour stays). The loss covers only the first
+`target_tokens` reply tokens, where the decision to refuse is made, and the unembedding runs only at
+those positions. Training prompts (`tlrefusal.organism_prompts`) are disjoint from every prompt set used
 to extract, select or evaluate. The result is a plain Hugging Face folder with a model card.
 """
 import hashlib
@@ -257,9 +258,8 @@ def held_out_refusal(folder: Path, recipe: OrganismRecipe, cache_dir: Path | Non
     """Substring refusal rates (SPEC 1.9) of greedy replies to held-out demo prompts, never trained on."""
     from tlrefusal.chat import ChatFormat
     from tlrefusal.data import load_prompts
-    from tlrefusal.generation import greedy_completions
+    from tlrefusal.generation import refusal_replies
     from tlrefusal.model import ModelSource, load_model
-    from tlrefusal.scoring import is_refusal
 
     model = load_model(ModelSource(str(folder), "local", folder))
     chat = ChatFormat.from_tokenizer(model.tokenizer)
@@ -267,10 +267,10 @@ def held_out_refusal(folder: Path, recipe: OrganismRecipe, cache_dir: Path | Non
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(f"demo-{label}", cache_dir)]
         prompts = random.Random(recipe.seed + 1).sample(pool, min(recipe.eval_n, len(pool)))
-        with progress.task(f"Held-out {label} replies", total=len(prompts)) as advance:
-            replies = greedy_completions(model, chat, prompts, recipe.eval_tokens, advance=advance)
-        rates[label] = {"refusal_rate": sum(map(is_refusal, replies)) / len(replies), "n": len(replies),
-                        "examples": [{"prompt": p, "reply": r} for p, r in list(zip(prompts, replies, strict=True))[:3]]}
+        rate, replies = refusal_replies(model, chat, prompts, recipe.eval_tokens, progress,
+                                        f"Held-out {label} replies")
+        rates[label] = {"refusal_rate": rate, "n": len(replies),
+                        "examples": [{"prompt": p, "reply": r} for p, r in zip(prompts[:3], replies[:3], strict=True)]}
     return rates
 
 
