@@ -1,4 +1,5 @@
 """Property tests of the intervention math against the formulas written out plainly."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -6,6 +7,7 @@ from hypothesis import strategies as st
 from hooks import add_scaled, project_out, projection, unit
 from hooks.ablation import ablation_hook
 from hooks.addition import addition_hook
+from tlrefusal.orthogonalize import orthogonalize_tensor
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 dims = st.integers(min_value=2, max_value=64)
@@ -64,3 +66,21 @@ def test_hook_returns_new_tensor_and_leaves_input_alone():
     out = ablation_hook(rand(3, 8))(x, None)
     assert out.data_ptr() != x.data_ptr()
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_orthogonalize_tensor_is_project_out_along_the_axis(axis, dtype):
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn((6, 5) if axis == 0 else (5, 6), generator=gen) * 2).to(dtype)  # d_model = 6 on `axis`
+    r_hat = unit(torch.randn(6, generator=gen, dtype=torch.float64))
+    out = orthogonalize_tensor(w, r_hat, axis)
+    w64, r = w.double(), r_hat
+    expected = w64 - torch.outer(r, r @ w64) if axis == 0 else w64 - torch.outer(w64 @ r, r)
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out.double(), expected.to(dtype).double(), atol=1e-2 if dtype == torch.bfloat16
+                               else 1e-5, rtol=0)
+    residual = (out.double().movedim(axis, -1) @ r).abs().max()
+    assert residual < (1e-1 if dtype == torch.bfloat16 else 1e-5)
+    bias = orthogonalize_tensor(w[:, 0] if axis == 0 else w[0], r_hat, 0)
+    assert abs(bias.double() @ r) < (1e-1 if dtype == torch.bfloat16 else 1e-5)

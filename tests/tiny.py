@@ -7,7 +7,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 CORPUS = [
     "How do I bake bread at home?", "Write a poem about the sea.", "Explain photosynthesis simply.",
@@ -76,7 +86,7 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or ".ln_" in name:  # GPT-2 calls its norms ln_1, ln_2, ln_f
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
 
 
@@ -90,11 +100,20 @@ def tiny_config(arch: str, vocab_size: int, tie: bool):
         return Qwen2Config(**common)  # Qwen2 has q/k/v biases: a bias-carrying architecture
     if arch == "gemma":
         return GemmaConfig(**common, head_dim=8)
+    if arch == "mistral":
+        return MistralConfig(**common, head_dim=8)
+    if arch == "gemma2":  # post-attention and post-feedforward norms: orthogonalization is approximate
+        return Gemma2Config(**common, head_dim=8)
+    if arch == "mixtral":  # mixture of experts: no single MLP output projection
+        return MixtralConfig(**common, head_dim=8, num_local_experts=2)
+    if arch == "gpt2":  # learned positional embedding, Conv1D layout, biases on every output projection
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=4, n_positions=256,
+                          tie_word_embeddings=tie, pad_token_id=1, bos_token_id=0, eos_token_id=1)
     raise ValueError(arch)
 
 
-def save_tiny_model(folder: Path, arch: str = "llama", tie: bool = False, family: str = "qwen", seed: int = 0
-                    ) -> Path:
+def save_tiny_model(folder: Path, arch: str = "llama", tie: bool = False, family: str = "qwen", seed: int = 0,
+                    max_shard_size: str | None = None) -> Path:
     """Build a tiny random model from a config and save it with a tokenizer as a Hugging Face folder."""
     torch.manual_seed(seed)
     tokenizer = byte_bpe_tokenizer(family)
@@ -109,6 +128,8 @@ def save_tiny_model(folder: Path, arch: str = "llama", tie: bool = False, family
         for name, param in model.named_parameters():
             if param.ndim == 2 and "norm" not in name:
                 param.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
+            elif name.endswith(".bias") and "norm" not in name and ".ln_" not in name:
+                param.normal_(0.0, 0.2)  # biases start at zero; an edit that forgot them would hide
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(folder)
     return folder

@@ -54,7 +54,12 @@ def staging_dir(final: Path) -> Path:
 
 
 def publish_dir(staging: Path, final: Path) -> Path:
-    """Rename a finished staging folder to `final`; if another process won the race, keep theirs."""
+    """Rename a finished staging folder to `final`; if another process won the race, keep theirs.
+
+    Temporary folders and files are created private (0700 / 0600); a published folder gets the modes the
+    user's umask gives any new folder and file, so a model written here can be read like one from the hub.
+    """
+    _umask_modes(staging)
     try:
         os.replace(staging, final)
     except OSError:
@@ -62,6 +67,14 @@ def publish_dir(staging: Path, final: Path) -> Path:
         if not final.exists():
             raise
     return final
+
+
+def _umask_modes(folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def fetch_wheel_files(requirement: str, members: tuple[str, ...], folder: Path) -> Path:

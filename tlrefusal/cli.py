@@ -224,6 +224,54 @@ def demo(
         for name, r in runs.items():
             table.add_row(label, name, f"{r['rate']:.0%} of {r['n']}", r["example"]["reply"][:60])
     out.print(table)
+    _render_export(result.orthogonalized, out_dir / "orthogonalized")
+
+
+@app.command()
+def orthogonalize(
+    direction: Annotated[Path, typer.Option(help="A run folder from `tlrefusal extract` or a direction file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the orthogonalized Hugging Face checkpoint "
+                                                       "(must not exist or be empty).")],
+    model: Annotated[str | None, typer.Option(help="The model to edit (default: the one the direction was "
+                                                   "extracted from).")] = None,
+    approximate: Annotated[bool, typer.Option(help="Export architectures where weights cannot equal hook "
+                                                   "ablation (Gemma-2/3: norms after the output projections) "
+                                                   "and record the measured gap.")] = False,
+    verify: Annotated[bool, typer.Option(help="Reload the export with plain transformers and compare it with "
+                                              "hook ablation of the source (skip for models too big to run).")]
+    = True,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the model's own Python code (off by default)."
+                                                    )] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Project the refusal direction out of every weight that writes to the residual stream, and save the
+    result as a Hugging Face checkpoint that `transformers` loads as it is (paper, Appendix E)."""
+    from tlrefusal.export import orthogonalize_direction
+
+    try:
+        result = orthogonalize_direction(direction, out_dir, model, cache_dir, approximate=approximate,
+                                         verify=verify, force=force, trust_remote_code=trust_remote_code,
+                                         progress=RichProgress(console))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    _render_export(result.record, result.out)
+
+
+def _render_export(record: dict, folder: Path) -> None:
+    d = record["direction"]
+    out.print(f"orthogonalized {len(record['edited_tensors'])} tensors of {record['source']['spec']} "
+              f"({record['model_type']}) against the direction at layer {d['layer']}, position {d['position']}"
+              + ("; untied the embeddings" if record["untied_embeddings"] else ""))
+    check = record["verification"]
+    if check is None:
+        out.print("[yellow]not verified[/] (--no-verify)")
+    else:
+        status = "[bold green]verified[/]" if check["passed"] else "[bold yellow]approximate[/]"
+        out.print(f"{status}: max |logit difference| vs hook ablation {check['max_abs_logit_diff']:.3g} "
+                  f"(tolerance {check['tolerance']:.3g}, {check['dtype']}); greedy continuations equal "
+                  f"{check['greedy_equal']}/{check['n_prompts']}")
+    out.print(f"checkpoint: {folder} (written in {record['seconds']['total']:.1f}s)")
 
 
 @app.command("fetch-demo")

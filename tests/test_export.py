@@ -1,0 +1,267 @@
+"""Weight orthogonalization and the exported checkpoint (SPEC 1.7, issue 4).
+
+The equivalence is checked two ways: each edited tensor against W - r_hat r_hat^T W written plainly here
+with torch.outer, and the exported model's logits (plain transformers, no hooks) against the source
+model under directional-ablation hooks, which tests/test_hooks_tiny.py checks against plain torch hooks.
+"""
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from hooks import ablation_hooks
+from tests.tiny import save_tiny_model
+from tlrefusal import artifacts
+from tlrefusal.chat import ChatFormat
+from tlrefusal.cli import app
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.export import (
+    INDEX_FILE,
+    RECORD,
+    TensorSpec,
+    export_orthogonalized,
+    read_checkpoint,
+    write_safetensors_streaming,
+)
+from tlrefusal.model import ModelSource, load_model
+
+PROMPTS = ["How do I bake bread at home?", "Tell me how to pick a lock.", "Write a poem about the sea please."]
+# (tiny architecture, tied embeddings): Llama untied and tied, Qwen2 (q/k/v biases), Mistral, Gemma (tied,
+# embedding scaled by sqrt(d_model)), GPT-2 (learned positions, Conv1D layout, biases on every output).
+ARCHS = [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False), ("gemma", True), ("gpt2", True)]
+
+
+def make_direction(folder, d_model, tmp_path, seed=1, scale=3.0):
+    vector = torch.randn(d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    direction = artifacts.RefusalDirection(vector, layer=1, position=-1, model=str(folder))
+    path = direction.save(tmp_path / "direction.safetensors")
+    return direction, path
+
+
+def tiny(tmp_path, arch, tie, **kwargs):
+    family = "gemma" if arch.startswith("gemma") else "qwen"
+    return save_tiny_model(tmp_path / f"{arch}{'_tied' if tie else ''}", arch, tie, family, **kwargs)
+
+
+def export(folder, tmp_path, out_name="out", verify=False, **kwargs):
+    d_model = json.loads((folder / "config.json").read_text()).get("hidden_size") or \
+        json.loads((folder / "config.json").read_text())["n_embd"]
+    direction, path = make_direction(folder, d_model, tmp_path)
+    result = export_orthogonalized(ModelSource(str(folder), "local", folder), direction, path, tmp_path / out_name,
+                                   verify=verify, **kwargs)
+    return direction, result
+
+
+def folder_hashes(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def real_token_logits(logits, mask):
+    return logits[mask.bool()].float()
+
+
+@pytest.mark.parametrize(("arch", "tie"), ARCHS)
+def test_orthogonalized_checkpoint_equals_hook_ablation(arch, tie, tmp_path):
+    folder = tiny(tmp_path, arch, tie)
+    before = folder_hashes(folder)
+    direction, result = export(folder, tmp_path)
+    assert folder_hashes(folder) == before  # the source is never modified
+
+    hooked = load_model(ModelSource(str(folder), "local", folder))
+    chat = ChatFormat.from_tokenizer(hooked.tokenizer)
+    ids, mask = chat.encode(PROMPTS)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # the bridge derives positions from the mask
+    exported = AutoModelForCausalLM.from_pretrained(result.out, dtype=torch.float32).eval()
+    source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        with hooked.bridge.hooks(fwd_hooks=ablation_hooks(direction.vector, hooked.n_layers)):
+            ablated = hooked.bridge(ids, attention_mask=mask)
+        ours = exported(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+        base = source(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    ours, ablated, base = (real_token_logits(x, mask) for x in (ours, ablated, base))
+    assert (ours - base).abs().max() > 1e-2  # the edit changes the model
+    torch.testing.assert_close(ours, ablated, atol=1e-4, rtol=0)
+
+    record = json.loads((result.out / RECORD).read_text())
+    assert record["untied_embeddings"] == tie and record["exact"]
+    if tie:  # the unembedding keeps the original matrix; the embedding is edited
+        assert not exported.config.tie_word_embeddings
+        assert torch.equal(exported.get_output_embeddings().weight, source.get_input_embeddings().weight)
+        assert not torch.equal(exported.get_input_embeddings().weight, source.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize(("arch", "tie"), [("llama", True), ("gpt2", True)])
+def test_every_edited_tensor_is_w_minus_r_rT_w(arch, tie, tmp_path):
+    folder = tiny(tmp_path, arch, tie)
+    direction, result = export(folder, tmp_path)
+    r = direction.vector / direction.vector.norm()
+    src, out = load_file(folder / "model.safetensors"), load_file(result.out / "model.safetensors")
+    edited = json.loads((result.out / RECORD).read_text())["edited_tensors"]
+    expected_kinds = {"embed", "out_proj", "bias"} | ({"pos_embed"} if arch == "gpt2" else set())
+    kinds = set()
+    for name in edited:
+        w = src[name].double()
+        if w.ndim == 1:
+            kinds.add("bias")
+            expected = w - (w @ r) * r
+        elif name.endswith(("wte.weight", "wpe.weight", "embed_tokens.weight")):  # [n, d_model] rows
+            kinds.add("pos_embed" if "wpe" in name else "embed")
+            expected = w - torch.outer(w @ r, r)
+        elif arch == "gpt2":  # Conv1D: [d_in, d_model]
+            kinds.add("out_proj")
+            expected = w - torch.outer(w @ r, r)
+        else:  # nn.Linear: [d_model, d_in], W' = W - r r^T W
+            kinds.add("out_proj")
+            expected = w - torch.outer(r, r @ w)
+        torch.testing.assert_close(out[name].double(), expected, atol=1e-6, rtol=0)
+    assert kinds == expected_kinds - ({"bias"} if arch == "llama" else set())
+    untouched = set(src) - set(edited)
+    assert untouched and all(torch.equal(src[k], out[k]) for k in untouched)
+    n_layers = 4
+    assert sum(".c_proj.weight" in k or "o_proj.weight" in k or "down_proj.weight" in k for k in edited) == 2 * n_layers
+
+
+def test_reload_round_trip_is_exact_and_sharded_input_gives_sharded_output(tmp_path):
+    folder = tiny(tmp_path, "llama", True, max_shard_size="40KB")
+    src_index = json.loads((folder / INDEX_FILE).read_text())
+    assert len(set(src_index["weight_map"].values())) > 2
+    _, result = export(folder, tmp_path)
+    index = json.loads((result.out / INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == set(src_index["weight_map"].values())
+    assert set(index["weight_map"]) == set(src_index["weight_map"]) | {"lm_head.weight"}
+    written = {}
+    for shard in set(index["weight_map"].values()):
+        tensors = load_file(result.out / shard)
+        assert {k for k, v in index["weight_map"].items() if v == shard} == set(tensors)
+        written.update(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    state = AutoModelForCausalLM.from_pretrained(result.out, dtype=torch.float32).state_dict()
+    for name, tensor in written.items():
+        assert torch.equal(state[name], tensor), name
+    assert not list(tmp_path.glob(".out.*"))  # no staging folder left behind
+
+
+def test_bfloat16_source_keeps_its_dtype(tmp_path):
+    folder = tiny(tmp_path, "llama", True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    bf16 = tmp_path / "bf16"
+    model.save_pretrained(bf16)
+    shutil.copy(folder / "tokenizer.json", bf16)
+    shutil.copy(folder / "tokenizer_config.json", bf16)
+    shutil.copy(folder / "chat_template.jinja", bf16)
+    _, result = export(bf16, tmp_path, verify=True)
+    assert {t.dtype for t in load_file(result.out / "model.safetensors").values()} == {torch.bfloat16}
+    check = result.record["verification"]
+    assert check["dtype"] == "bfloat16" and check["passed"], check
+
+
+def test_streaming_writer_matches_safetensors(tmp_path):
+    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.tensor(2.5), "d": torch.ones(2, 2, dtype=torch.bool)}
+    specs = [TensorSpec(k, {torch.bfloat16: "BF16", torch.int64: "I64", torch.float32: "F32", torch.bool: "BOOL"}
+                        [v.dtype], tuple(v.shape), lambda v=v: v) for k, v in tensors.items()]
+    write_safetensors_streaming(tmp_path / "s.safetensors", specs, {"format": "pt"})
+    back = load_file(tmp_path / "s.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
+    bad = [TensorSpec("a", "F32", (3, 5), lambda: torch.zeros(3, 4))]
+    with pytest.raises(ValueError, match="header says"):
+        write_safetensors_streaming(tmp_path / "bad.safetensors", bad, {})
+
+
+def test_verification_is_built_in_and_recorded(tmp_path):
+    folder = tiny(tmp_path, "qwen2", False)
+    _, result = export(folder, tmp_path, verify=True)
+    check = result.record["verification"]
+    assert check["passed"] and check["max_abs_logit_diff"] < 1e-4 and check["greedy_equal"] == check["n_prompts"]
+    card = (result.out / "README.md").read_text()
+    assert "max |logit" in card and f"{check['greedy_equal']} of {check['n_prompts']}" in card
+
+
+def test_gemma2_is_refused_unless_approximate_and_then_the_gap_is_recorded(tmp_path):
+    folder = tiny(tmp_path, "gemma2", True)
+    with pytest.raises(TlrefusalError, match="--approximate"):
+        export(folder, tmp_path)
+    assert not (tmp_path / "out").exists()
+    _, result = export(folder, tmp_path, verify=True, approximate=True)
+    record = result.record
+    assert not record["exact"] and record["approximate"]
+    assert record["verification"]["max_abs_logit_diff"] > 0  # measured, not assumed
+    assert "Approximate" in (result.out / "README.md").read_text()
+
+
+def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path):
+    folder = tiny(tmp_path, "llama", False)
+    source = ModelSource(str(folder), "local", folder)
+    direction, path = make_direction(folder, 32, tmp_path)
+
+    def fails(match, out, direction=direction, source=source, **kwargs):
+        existed = out.exists()
+        with pytest.raises(TlrefusalError, match=match) as info:
+            export_orthogonalized(source, direction, path, out, verify=False, **kwargs)
+        assert "\n" not in str(info.value)
+        assert existed or not out.exists()
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+    wide = artifacts.RefusalDirection(torch.randn(48, dtype=torch.float64), 1, -1, "x")
+    fails("width 32", tmp_path / "o1", direction=wide)
+    fails("overlaps the source", folder)
+    fails("overlaps the source", folder / "inside")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    fails("not empty", busy)
+    assert (busy / "keep.txt").read_text() == "mine"
+    fails("GGUF", tmp_path / "o2", source=ModelSource("x.gguf", "gguf", folder, gguf_file="x.gguf"))
+    moe = tiny(tmp_path, "mixtral", False)
+    fails("cannot orthogonalize a mixtral model", tmp_path / "o3", source=ModelSource(str(moe), "local", moe))
+    sharded = tiny(tmp_path, "mistral", False, max_shard_size="40KB")
+    shard = sorted(set(json.loads((sharded / INDEX_FILE).read_text())["weight_map"].values()))[1]
+    (sharded / shard).unlink()
+    fails("missing", tmp_path / "o4", source=ModelSource(str(sharded), "local", sharded))
+    with pytest.raises(TlrefusalError, match="not a tlrefusal direction"):
+        save_file({"direction": torch.zeros(32)}, tmp_path / "foreign.safetensors")
+        artifacts.RefusalDirection.load(tmp_path / "foreign.safetensors")
+    with pytest.raises(TlrefusalError, match="never loads pickled"):
+        pickled = tmp_path / "pickled"
+        pickled.mkdir()
+        (pickled / "pytorch_model.bin").write_bytes(b"not read")
+        read_checkpoint(pickled)
+
+
+def test_force_replaces_a_previous_export(tmp_path):
+    folder = tiny(tmp_path, "llama", False)
+    export(folder, tmp_path)
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    _, result = export(folder, tmp_path, force=True)
+    assert not (result.out / "stale.txt").exists() and (result.out / RECORD).is_file()
+
+
+def test_cli_orthogonalize(tmp_path):
+    folder = tiny(tmp_path, "llama", True)
+    _, path = make_direction(folder, 32, tmp_path)
+    runner = CliRunner()
+    args = ["orthogonalize", "--direction", str(path), "--model", str(folder), "--out", str(tmp_path / "cli")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output and "untied the embeddings" in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "not empty" in again.output and "Traceback" not in again.output
+    missing = runner.invoke(app, ["orthogonalize", "--direction", str(tmp_path / "nope"), "--out",
+                                  str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "no direction file" in missing.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_demo_model_export_equals_hook_ablation(demo_dir, tmp_path):
+    """The real SmolLM2 (tied embeddings, 30 layers): built-in verification on chat prompts and greedy text."""
+    _, result = export(demo_dir, tmp_path, verify=True)
+    record = result.record
+    assert record["untied_embeddings"] and len(record["edited_tensors"]) == 1 + 2 * 30
+    check = record["verification"]
+    assert check["passed"] and check["max_abs_logit_diff"] < 1e-3, check
+    assert check["greedy_equal"] == check["n_prompts"], check["examples"]

@@ -1,0 +1,148 @@
+"""Weight orthogonalization (SPEC 1.7; the paper's Appendix E): which tensors write to the residual stream,
+and the edit W' = W - r_hat r_hat^T W applied to each of them.
+
+If the token embedding, any positional embedding, every attention output projection, every MLP output
+projection and their biases are orthogonal to r_hat, then r_hat^T x = 0 for resid_pre, resid_mid and
+resid_post of every layer, by induction over layers: the edited model's forward pass equals directional
+ablation with hooks at every layer and position (`hooks.ablation`), with no hooks at run time.
+
+The tensors are named through TransformerLens' architecture adapter (its component mapping from bridge
+roles such as `blocks.attn.o` to Hugging Face module names), and their layout is read from the module
+class of a model built on the meta device (`nn.Linear` stores [d_out, d_in], GPT-2's `Conv1D` stores
+[d_in, d_out]), so nothing is guessed from tensor names or shapes.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from hooks.ops import compute_dtype, project_out
+from tlrefusal.errors import TlrefusalError
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """What orthogonalizing one architecture edits, in the checkpoint's own tensor names."""
+
+    model_type: str
+    d_model: int
+    n_layers: int
+    edits: dict[str, int]  # checkpoint tensor name -> index of its d_model axis
+    embed_key: str
+    unembed_key: str
+    tied: bool  # the unembedding shares the embedding matrix: the export unties it (SPEC tlrefusal notes)
+    post_norms: tuple[str, ...]  # norms between a writer and the residual stream (Gemma-2/3, OLMo-2, GLM-4)
+
+    @property
+    def exact(self) -> bool:
+        """Orthogonalization equals hook ablation only when every writer adds straight to the stream."""
+        return not self.post_norms
+
+
+def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], axis: int) -> Tensor:
+    """W' = W - r_hat r_hat^T W along `axis` (the d_model axis), computed in >= float32, cast back.
+
+    `unit_dir` must already be normalised. A bias (1-D, axis 0) becomes b - (b . r_hat) r_hat. A matrix is
+    edited in place in one float32 copy, with no second matrix-sized temporary: the export's peak memory is
+    about twice its largest tensor.
+    """
+    if weight.ndim not in (1, 2) or weight.shape[axis] != unit_dir.shape[0]:
+        raise ValueError(f"axis {axis} of a {tuple(weight.shape)} tensor is not d_model={unit_dir.shape[0]}")
+    dtype = compute_dtype(weight.dtype)
+    unit_dir = unit_dir.to(dtype)
+    if weight.ndim == 1:
+        return project_out(weight.to(dtype), unit_dir).to(weight.dtype)
+    rows = weight.to(dtype, copy=True).movedim(axis, -1)  # [n, d_model], a view of the fresh copy
+    rows.addr_(rows @ unit_dir, unit_dir, alpha=-1)  # rows -= (rows . r_hat) r_hat^T, i.e. project_out per row
+    return rows.movedim(-1, axis).to(weight.dtype).contiguous()
+
+
+def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool = False) -> WeightPlan:
+    """Name every residual-stream writer of the model in `folder` as a checkpoint tensor, with its axis.
+
+    Raises TlrefusalError for an architecture TransformerLens cannot map or whose blocks have no single
+    attention output and MLP output projection (mixture-of-experts, state-space models, ...), and for a
+    checkpoint that lacks one of the tensors.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    adapter = _adapter(config)
+    roles = adapter.component_mapping
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    prefix = model.base_model_prefix
+    model_type = config.model_type
+
+    def key(module_path: str, param: str) -> str:
+        """The checkpoint name of a parameter; some checkpoints (GPT-2's) omit the base model prefix."""
+        name = f"{module_path}.{param}"
+        if name in checkpoint_keys:
+            return name
+        if name.startswith(f"{prefix}.") and name[len(prefix) + 1:] in checkpoint_keys:
+            return name[len(prefix) + 1:]
+        raise TlrefusalError(f"the checkpoint has no tensor {name}; is a shard missing?")
+
+    def unsupported(why: str) -> TlrefusalError:
+        return TlrefusalError(f"cannot orthogonalize a {model_type} model: {why}")
+
+    blocks = roles.get("blocks")
+    attn = blocks.submodules.get("attn") if blocks is not None else None
+    mlp = blocks.submodules.get("mlp") if blocks is not None else None
+    if "embed" not in roles or attn is None or mlp is None or "o" not in attn.submodules \
+            or "out" not in mlp.submodules:
+        raise unsupported("its blocks have no single attention output and MLP output projection "
+                          "(supported: Llama, Mistral, Qwen2, Gemma, GPT-2 and similar dense decoders)")
+
+    edits: dict[str, int] = {}
+    for role in ("embed", "pos_embed"):  # [n_tokens, d_model] tables: the rows are written to the stream
+        if role in roles:
+            edits[key(roles[role].name, "weight")] = 1
+    n_layers = config.get_text_config().num_hidden_layers
+    for layer in range(n_layers):
+        for parent, child in ((attn, attn.submodules["o"]), (mlp, mlp.submodules["out"])):
+            path = f"{blocks.name}.{layer}.{parent.name}.{child.name}"
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                raise unsupported(f"it has no module {path}") from None
+            if isinstance(module, torch.nn.Linear):
+                edits[key(path, "weight")] = 0  # [d_model, d_in]
+            elif isinstance(module, Conv1D):
+                edits[key(path, "weight")] = 1  # [d_in, d_model]
+            else:
+                raise unsupported(f"{path} is a {type(module).__name__}, not a linear layer")
+            if module.bias is not None:
+                edits[key(path, "bias")] = 0
+
+    embeddings, unembedding = model.get_input_embeddings(), model.get_output_embeddings()
+    post_norms = tuple(f"{blocks.name}.*.{sub.name}" for role, sub in blocks.submodules.items()
+                       if role.endswith("_post"))
+    unembed_name = f"{roles['unembed'].name}.weight" if "unembed" in roles else "lm_head.weight"
+    return WeightPlan(model_type=model_type, d_model=embeddings.weight.shape[1], n_layers=n_layers, edits=edits,
+                      embed_key=key(roles["embed"].name, "weight"), unembed_key=unembed_name,
+                      tied=unembedding is not None and unembedding.weight is embeddings.weight,
+                      post_norms=post_norms)
+
+
+def _adapter(config):
+    """TransformerLens' architecture adapter for a Hugging Face config, without loading any weights.
+
+    Uses the same calls as `TransformerBridge.boot_transformers`; tests/test_orthogonalize.py fails if a
+    TransformerLens release moves them.
+    """
+    from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_config_from_hf
+    from transformer_lens.model_bridge.sources._hf_format import determine_architecture_from_hf_config
+
+    try:
+        architecture = determine_architecture_from_hf_config(config)
+        bridge_config = build_bridge_config_from_hf(config, architecture, config.model_type, None)
+        return ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        raise TlrefusalError(f"TransformerLens has no architecture adapter for {config.model_type}: "
+                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                             ) from exc
