@@ -17,6 +17,7 @@ from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.selection import SelectionConfig
 
 SUMMARY = "demo_summary.json"
+ORTHOGONALIZED = "orthogonalized"  # the weight-orthogonalized organism, a Hugging Face folder in the run
 # The organism's candidates move harmless next-token distributions more than the paper's 2B-70B models
 # do (KL 0.34 at the chosen candidate, none under the paper's 0.1 filter; see the README),
 # so the demo relaxes the KL filter and prints that it did. `tlrefusal extract` keeps the paper's 0.1.
@@ -29,6 +30,7 @@ class DemoResult:
     organism_card: dict
     extract: ExtractResult
     refusal: dict | None  # label -> intervention -> {"rate", "n"}; None if no direction was chosen
+    orthogonalized: dict | None = None  # the export's record (orthogonalization.json), with its verification
 
 
 def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 32, max_new_tokens: int = 32,
@@ -41,10 +43,25 @@ def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 3
     if result.direction is None:
         return DemoResult(folder, card, result, None)
     refusal = intervention_refusal(run_dir, folder, result, eval_n, max_new_tokens, cache_dir, progress)
+    record = export_for_run(run_dir, folder, progress)
     artifacts.write_json(run_dir / SUMMARY, {"organism": str(folder), "organism_key": card["key"],
                                              "chosen": result.selection.chosen.to_json(), "refusal": refusal,
-                                             "max_new_tokens": max_new_tokens})
-    return DemoResult(folder, card, result, refusal)
+                                             "max_new_tokens": max_new_tokens,
+                                             "orthogonalized": {"folder": str(run_dir / ORTHOGONALIZED),
+                                                                "verification": record["verification"]}})
+    return DemoResult(folder, card, result, refusal, record)
+
+
+def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGRESS) -> dict:
+    """Orthogonalize the model against the run's direction into RUN/orthogonalized (kept if it matches)."""
+    from tlrefusal.export import RECORD, file_sha256, orthogonalize_direction
+
+    out = run_dir / ORTHOGONALIZED
+    if (out / RECORD).is_file():
+        record = artifacts.read_json(out / RECORD)
+        if record["direction"]["sha256"] == file_sha256(run_dir / artifacts.DIRECTION):
+            return record
+    return orthogonalize_direction(run_dir, out, str(model_dir), force=True, progress=progress).record
 
 
 def intervention_refusal(run_dir: Path, folder: Path, result: ExtractResult, eval_n: int, max_new_tokens: int,
