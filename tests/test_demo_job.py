@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from tlrefusal import artifacts
-from tlrefusal.demo_job import intervention_refusal
+from tlrefusal.demo_job import ORTHOGONALIZED, export_for_run, intervention_refusal
 from tlrefusal.harmless import demo_harmless_prompts
 from tlrefusal.progress import NO_PROGRESS
 
@@ -28,3 +28,17 @@ def test_intervention_refusal_uses_held_out_prompts_and_every_intervention(tiny_
         for r in runs.values():
             assert 0.0 <= r["rate"] <= 1.0
     json.dumps(result)  # the summary is plain JSON
+
+
+def test_export_for_run_writes_once_per_direction(tiny_dirs, tmp_path):
+    def save_direction(seed):
+        vector = torch.randn(32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        artifacts.RefusalDirection(vector, 1, -1, str(tiny_dirs["llama"])).save(tmp_path / artifacts.DIRECTION)
+
+    save_direction(0)
+    first = export_for_run(tmp_path, tiny_dirs["llama"])
+    assert first["verification"]["passed"] and (tmp_path / ORTHOGONALIZED / "config.json").is_file()
+    assert export_for_run(tmp_path, tiny_dirs["llama"]) == first  # same direction: reused, not rewritten
+    save_direction(1)
+    second = export_for_run(tmp_path, tiny_dirs["llama"])
+    assert second["direction"]["sha256"] != first["direction"]["sha256"]
