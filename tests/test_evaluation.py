@@ -136,7 +136,12 @@ def test_eval_writes_report_reuses_completions_and_equals_the_orthogonalized_che
                                   {"instruction": "Add.", "input": "2+2", "output": "4"}]))
     pile = tmp_path / "pile.jsonl"
     pile.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sea is wide.", "Bread needs flour."]))
-    config = EvalConfig(n=5, max_new_tokens=6, ce_n=4, pile=str(pile), alpaca=str(alpaca))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sea is wide.", "Hi"]))
+    task = tmp_path / "tiny_ppl.yaml"
+    task.write_text(f"task: tiny_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path}/docs.jsonl\n"
+                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+                    "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    config = EvalConfig(n=5, max_new_tokens=6, ce_n=4, pile=str(pile), alpaca=str(alpaca), tasks=(str(task),))
     report = run_eval(tiny_run, config)
     scores = report["refusal_and_safety"]
     assert set(scores) == {"harmful", "harmless"}  # the run's pools, named by file stem
@@ -165,7 +170,11 @@ def test_eval_writes_report_reuses_completions_and_equals_the_orthogonalized_che
                           artifacts.RefusalDirection.load(tiny_run), tiny_run / artifacts.DIRECTION, exported,
                           verify=False)
     plain = run_eval(tiny_run, EvalConfig(n=5, max_new_tokens=6, ce_n=4, pile=str(pile), alpaca=str(alpaca),
-                                          model=str(exported)))
+                                          tasks=(str(task),), model=str(exported)))
+    ppl = {name: r["metrics"]["tiny_ppl"]["word_perplexity,none"] for name, r in report["coherence"][str(task)].items()}
+    assert ppl["ablation"] != pytest.approx(ppl["baseline"])
+    plain_ppl = plain["coherence"][str(task)]["as loaded"]["metrics"]["tiny_ppl"]["word_perplexity,none"]
+    assert plain_ppl == pytest.approx(ppl["ablation"], rel=1e-4)
     for name in ("harmful", "harmless"):
         hooked_rows = (eval_dir / "completions" / f"{name}.ablation.jsonl").read_text()
         plain_rows = (eval_dir / "completions" / f"{name}.as_loaded.jsonl").read_text()
@@ -185,6 +194,8 @@ def test_eval_bad_input(tiny_run, tmp_path):
         run_eval(empty, EvalConfig())
     with pytest.raises(TlrefusalError, match="not a tlrefusal run"):
         run_eval(tmp_path, EvalConfig())
+    with pytest.raises(TlrefusalError, match="unknown lm-eval task"):
+        run_eval(tiny_run, EvalConfig(tasks=("no_such_task_xyz",)))
     with pytest.raises(TlrefusalError, match="unknown CE dataset"):
         EvalConfig(ce=("wikitext",))
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--guard-model", str(tmp_path / "missing")])

@@ -298,6 +298,10 @@ def evaluate(
                                              "output.")] = "alpaca",
     magnitude: Annotated[list[str] | None, typer.Option(help="Extra prompt set for the magnitude study "
                                                              "(repeatable), e.g. xstest.")] = None,
+    tasks: Annotated[str, typer.Option(help="lm-eval tasks, comma-separated: names or local task YAML files "
+                                            "(empty: none).")] = "mmlu,arc_challenge,truthfulqa_mc2",
+    coherence_limit: Annotated[int, typer.Option(help="Documents per lm-eval (sub)task; 0 for all (the "
+                                                      "paper).")] = 100,
     actadd_plus: Annotated[bool, typer.Option("--actadd-plus", help="Add +r on harmful prompts too (the NNsight "
                                                                     "replication), instead of the paper's -r.")]
     = False,
@@ -312,6 +316,8 @@ def evaluate(
                             max_new_tokens=max_new_tokens, batch_size=batch_size, model=model,
                             guard_model=guard_model, ce=_split_csv(ce, str) if ce.strip() else (), ce_n=ce_n,
                             pile=pile, alpaca=alpaca, magnitude=tuple(magnitude or ()),
+                            tasks=_split_csv(tasks, str) if tasks.strip() else (),
+                            coherence_limit=coherence_limit or None,
                             actadd_sign="plus" if actadd_plus else "paper")
         report = run_eval(run_dir, config, cache_dir, RichProgress(console))
     except TlrefusalError as exc:
@@ -330,6 +336,13 @@ def evaluate(
         else:
             out.print(f"CE loss, {dataset}: " + ", ".join(f"{iv} {r['loss']:.3f}" for iv, r in runs.items())
                       + f" ({next(iter(runs.values()))['tokens']} tokens)")
+    for task, runs in report["coherence"].items():
+        if "unavailable" in runs:
+            out.print(f"lm-eval {task}: [yellow]unavailable[/] ({runs['unavailable']})", highlight=False)
+        else:
+            out.print(f"lm-eval {task}: " + "; ".join(
+                f"{name} " + ", ".join(f"{k} {v:.3f}" for m in r["metrics"].values() for k, v in m.items()
+                                       if "stderr" not in k) for name, r in runs.items()))
     if report["magnitude"] is not None:
         m = report["magnitude"]
         parts = [f"{k} {v['pearson_r']:.2f}" for k, v in m["datasets"].items() if v["pearson_r"] is not None]

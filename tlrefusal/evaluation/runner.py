@@ -26,6 +26,7 @@ from tlrefusal import __version__, artifacts
 from tlrefusal.chat import ChatFormat
 from tlrefusal.data import Prompt, load_prompts, prompts_hash
 from tlrefusal.errors import TlrefusalError
+from tlrefusal.evaluation.coherence import DEFAULT_TASKS, lm_eval_model, resolve_tasks, run_lm_eval
 from tlrefusal.evaluation.guard import LlamaGuard
 from tlrefusal.evaluation.loss import ce_loss, reply_sequence, text_sequence
 from tlrefusal.evaluation.magnitude import magnitude_study
@@ -56,9 +57,13 @@ class EvalConfig:
     pile: str = "pile"  # a text file / .jsonl with a "text" field, or "pile" (monology/pile-uncopyrighted)
     alpaca: str = "alpaca"  # a .json/.jsonl with instruction + output, or "alpaca" (tatsu-lab/alpaca)
     magnitude: tuple[str, ...] = ()  # extra prompt sets for the magnitude study (e.g. xstest)
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # lm-eval task names or local task YAML files; () for none
+    coherence_limit: int | None = 100  # documents per lm-eval (sub)task; None: all (the paper)
     seed: int = 42
 
     def __post_init__(self) -> None:
+        if self.coherence_limit is not None and self.coherence_limit < 1:
+            raise TlrefusalError(f"coherence_limit must be at least 1 (or None for all), got {self.coherence_limit}")
         for name in ("n", "max_new_tokens", "batch_size", "ce_n"):
             if getattr(self, name) < 1:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -88,6 +93,8 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
     manifest = artifacts.read_json(run_dir / artifacts.MANIFEST)
     direction = artifacts.RefusalDirection.load(run_dir)
     sets = _eval_sets(run_dir, run_config, config, cache_dir)
+    if config.tasks:
+        resolve_tasks(config.tasks)  # an unknown task fails now, not after an hour of generation
 
     hooked = config.model is None
     source = resolve_source(config.model or run_config["model"], cache_dir, progress)
@@ -126,10 +133,12 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
         with progress.task("Magnitude study", total=None):
             magnitude = magnitude_study(model, chat, study_sets, r, layer, manifest["refusal"]["token_ids"])
 
+    coherence = _coherence(model, interventions["harmless"], config, progress)
+
     report = {"tool_version": __version__, "run": str(run_dir), "config": config.to_json(),
               "model": source.to_json(), "hooked": hooked,
               "direction": {"layer": layer, "position": direction.position, "norm": r.norm().item()},
-              "refusal_and_safety": scores, "ce_loss": ce, "magnitude": magnitude,
+              "refusal_and_safety": scores, "ce_loss": ce, "coherence": coherence, "magnitude": magnitude,
               "seconds": round(time.perf_counter() - started, 1)}
     artifacts.write_json(out_dir / REPORT_JSON, report)
     artifacts.write_text(out_dir / REPORT_MD, markdown_report(report))
@@ -214,6 +223,30 @@ def _ce_losses(model, chat, sets, completions, harmless_interventions, r, layer,
         for name, hooks in runs.items():
             with progress.task(f"CE loss: {dataset}, {name}", total=len(sequences)) as advance:
                 out[dataset][name] = ce_loss(model, sequences, hooks, advance=advance)
+    return out
+
+
+def _coherence(model, harmless_interventions, config: EvalConfig, progress: Progress) -> dict:
+    """lm-eval scores at baseline and under ablation (the paper's orthogonalized model), or as loaded.
+
+    Hub tasks whose data cannot be fetched are reported unavailable; a local task file that fails is an error.
+    """
+    runs = {k: v for k, v in harmless_interventions.items() if k in ("baseline", "ablation", "as loaded")}
+    lm = lm_eval_model(model, config.batch_size) if config.tasks else None
+    out: dict = {}
+    for task in config.tasks:
+        out[task] = {}
+        for name, hooks in runs.items():
+            try:
+                with progress.task(f"lm-eval: {task}, {name}", total=None):
+                    out[task][name] = run_lm_eval(lm, [task], model.bridge.hooks(fwd_hooks=list(hooks)),
+                                                  limit=config.coherence_limit)
+            except Exception as exc:  # lm-eval and datasets raise many types when the hub is out of reach
+                if Path(task).suffix in (".yaml", ".yml"):
+                    raise
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                out[task] = {"unavailable": f"could not run {task}: {first}"}
+                break
     return out
 
 
@@ -326,6 +359,16 @@ def markdown_report(report: dict) -> str:
         for dataset, runs in available.items():
             lines.append(f"| {dataset} | " + " | ".join(f"{runs[iv]['loss']:.3f}" for iv in ivs)
                          + f" | {runs[ivs[0]]['tokens']} |")
+    if report["coherence"]:
+        lines += ["", "## Coherence (lm-eval, no chat template)", ""]
+        for task, runs in report["coherence"].items():
+            if "unavailable" in runs:
+                lines.append(f"- {task}: unavailable ({runs['unavailable']})")
+                continue
+            for name, result in runs.items():
+                values = ", ".join(f"{k}: {v:.4g}" for task_metrics in result["metrics"].values()
+                                   for k, v in task_metrics.items() if "stderr" not in k)
+                lines.append(f"- {task}, {name} (n = {sum(v or 0 for v in result['n_samples'].values())}): {values}")
     if report["magnitude"] is not None:
         m = report["magnitude"]
         lines += ["", f"## Magnitude study (projection ratio at layer {d['layer']}, position -1, vs refusal log-odds)",

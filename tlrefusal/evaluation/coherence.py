@@ -1,0 +1,99 @@
+"""Coherence benchmarks through the EleutherAI LM Evaluation Harness, run in-process (SPEC 1.11).
+
+The TransformerBridge wraps the Hugging Face model's own modules in place, so lm-eval's own
+`transformers` model class (`HFLM`) driven over `bridge.original_model` runs every forward pass through
+the bridge's hook points: inside `bridge.hooks(...)`, log-likelihoods, rolling log-likelihoods and
+generation are all under the intervention. No lm-eval code is reimplemented, so scores are computed
+exactly as the harness computes them for any model (tests compare with lm-eval's `hf` model loaded
+from the same folder, and with an orthogonalized checkpoint).
+
+Like the paper, no chat template is applied. Tasks come by lm-eval name (the hub supplies their data)
+or as local task YAML files.
+"""
+import functools
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import yaml
+
+from hooks.ablation import HookFn
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.model import LoadedModel
+
+DEFAULT_TASKS = ("mmlu", "arc_challenge", "truthfulqa_mc2")
+
+
+def resolve_tasks(tasks: Sequence[str]) -> tuple[list[str], object]:
+    """Task names for lm-eval and a TaskManager that knows any local YAML files among `tasks`."""
+    names, include = [], []
+    for task in tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise TlrefusalError(f"no task file at {path}")
+            try:
+                # lm-eval task files may carry custom tags (!function); only the task name is read here.
+                data = yaml.load(path.read_text(encoding="utf-8"), Loader=_IgnoreTagsLoader)
+            except yaml.YAMLError as exc:
+                raise TlrefusalError(f"{path} is not valid YAML: {exc}") from exc
+            if not isinstance(data, dict) or "task" not in data:
+                raise TlrefusalError(f"{path} has no 'task' name")
+            names.append(str(data["task"]))
+            include.append(str(path.resolve().parent))
+        else:
+            names.append(task)
+    manager = _task_manager(tuple(sorted(set(include))))
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise TlrefusalError(f"unknown lm-eval task {unknown[0]!r} (see `lm-eval ls tasks`, or pass a task YAML)")
+    return names, manager
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include: tuple[str, ...]):
+    """lm-eval indexes every task YAML it ships when a TaskManager is made (seconds): make each one once."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None)
+
+
+class _IgnoreTagsLoader(yaml.SafeLoader):
+    pass
+
+
+_IgnoreTagsLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def lm_eval_model(model: LoadedModel, batch_size: int = 8):
+    """lm-eval's HFLM over the bridged module tree (hooks apply inside `model.bridge.hooks`)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model.bridge.original_model, tokenizer=model.tokenizer, batch_size=batch_size,
+                device=str(model.device))
+
+
+def run_lm_eval(lm, tasks: Sequence[str], hooks_context=None, limit: int | float | None = None,
+                num_fewshot: int | None = None, seed: int = 1234) -> dict:
+    """Evaluate an lm-eval model on `tasks`; returns {task: {metric: value}} and sample counts."""
+    from lm_eval import simple_evaluate
+
+    names, manager = resolve_tasks(tasks)
+    with hooks_context or nullcontext():
+        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                  log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+    metrics = {task: {k: v for k, v in values.items() if isinstance(v, (int, float)) and not k.startswith("alias")}
+               for task, values in results["results"].items()}
+    samples = {task: n.get("effective", n.get("original")) if isinstance(n, dict) else n
+               for task, n in results.get("n-samples", {}).items()}
+    return {"metrics": metrics, "n_samples": samples}
+
+
+def coherence(model: LoadedModel, interventions: dict[str, list[tuple[str, HookFn]]], tasks: Sequence[str],
+              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8) -> dict:
+    """lm-eval scores per intervention (an empty hook list is the model as loaded)."""
+    lm = lm_eval_model(model, batch_size)
+    return {name: run_lm_eval(lm, tasks, model.bridge.hooks(fwd_hooks=list(hooks)), limit, num_fewshot)
+            for name, hooks in interventions.items()}
