@@ -202,3 +202,40 @@ def test_eval_bad_input(tiny_run, tmp_path):
     assert result.exit_code == 1 and "no guard model" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--harmful", "no-such-dataset"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_compare_reads_published_nnsight_runs_like_the_derived_summary():
+    import csv
+
+    from tests.conftest import SHARED
+    from tlrefusal.evaluation.compare import compare, load_summary
+
+    runs = SHARED / "data" / "nnsight_runs"
+    summary = {row["model"]: row for row in csv.DictReader((runs / "summary_metrics.csv").open())}
+    for model in ("Qwen-1_8B-chat", "gemma-2b-it"):
+        m = load_summary(runs / model)["metrics"]
+        row = summary[model]
+        assert (m["chosen.position"], m["chosen.layer"]) == (int(row["pos"]), int(row["layer"]))
+        assert m["chosen.kl"] == pytest.approx(float(row["kl_div_score"]), abs=1e-4)
+        for dataset in ("jailbreakbench", "harmbench_test", "harmless"):
+            for iv in ("baseline", "ablation", "actadd"):
+                assert m[f"refusal.{dataset}.{iv}"] == pytest.approx(float(row[f"{dataset}_{iv}_refusal_score"]),
+                                                                     abs=1e-4)
+                assert m[f"safety.{dataset}.{iv}"] == pytest.approx(float(row[f"{dataset}_{iv}_safety_score"]),
+                                                                    abs=1e-4)
+    rows = compare(load_summary(runs / "Qwen-1_8B-chat"), load_summary(runs / "gemma-2b-it"))
+    layer = next(r for r in rows if r["metric"] == "chosen.layer")
+    assert (layer["a"], layer["b"], layer["diff"]) == (15, 10, -5)
+
+
+def test_cli_compare_our_run_with_a_published_run(tiny_run):
+    from tests.conftest import SHARED
+
+    run_eval(tiny_run, EvalConfig(n=3, max_new_tokens=4, ce=(), tasks=()))
+    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--compare",
+                                      str(SHARED / "data" / "nnsight_runs" / "gemma-2b-it")])
+    assert result.exit_code == 0, result.output
+    text = (tiny_run / "eval" / "compare.md").read_text()
+    assert "| chosen.layer |" in text and "| refusal.jailbreakbench.baseline |" in text
+    bad = CliRunner().invoke(app, ["eval", str(tiny_run), "--compare", str(tiny_run / "eval")])
+    assert bad.exit_code == 1 and "neither" in bad.output

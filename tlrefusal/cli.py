@@ -302,6 +302,9 @@ def evaluate(
                                             "(empty: none).")] = "mmlu,arc_challenge,truthfulqa_mc2",
     coherence_limit: Annotated[int, typer.Option(help="Documents per lm-eval (sub)task; 0 for all (the "
                                                       "paper).")] = 100,
+    compare: Annotated[Path | None, typer.Option(help="Do not evaluate: set RUN's existing report beside this "
+                                                      "run (ours, or an NNsight replication run folder) and "
+                                                      "write RUN/eval/compare.md.")] = None,
     actadd_plus: Annotated[bool, typer.Option("--actadd-plus", help="Add +r on harmful prompts too (the NNsight "
                                                                     "replication), instead of the paper's -r.")]
     = False,
@@ -311,6 +314,9 @@ def evaluate(
     addition; writes RUN/eval/report.json and report.md."""
     from tlrefusal.evaluation.runner import EvalConfig, run_eval
 
+    if compare is not None:
+        _compare_runs(run_dir, compare)
+        return
     try:
         config = EvalConfig(harmful=tuple(harmful or ()), harmless=tuple(harmless or ()), n=n,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, model=model,
@@ -350,6 +356,30 @@ def evaluate(
         out.print("magnitude study, Pearson r (projection ratio vs refusal log-odds): " + ", ".join(parts)
                   + (f"; pooled {pooled:.2f}" if pooled is not None else ""))
     out.print(f"report: {run_dir / 'eval' / 'report.md'} ({report['seconds']:.0f}s)")
+
+
+def _compare_runs(run_dir: Path, other: Path) -> None:
+    from tlrefusal import artifacts
+    from tlrefusal.evaluation.compare import compare, load_summary, markdown_comparison
+
+    try:
+        a, b = load_summary(run_dir), load_summary(other)
+        rows = compare(a, b)
+        artifacts.write_json(run_dir / "eval" / "compare.json", {"a": a, "b": b, "rows": rows})
+        artifacts.write_text(run_dir / "eval" / "compare.md", markdown_comparison(a, b, rows))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    table = Table(title=f"A: {run_dir} ({a['kind']})  vs  B: {other} ({b['kind']})")
+    for col in ("metric", "A", "B", "B - A"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+
+    def fmt(v):
+        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    for r in rows:
+        table.add_row(r["metric"], fmt(r["a"]), fmt(r["b"]), fmt(r["diff"]))
+    out.print(table)
+    out.print(f"written: {run_dir / 'eval' / 'compare.md'}")
 
 
 @app.command("fetch-demo")
