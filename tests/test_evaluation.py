@@ -157,6 +157,8 @@ def test_eval_writes_report_reuses_completions_and_equals_the_orthogonalized_che
     assert report["magnitude"]["pooled"]["n"] == 10
     eval_dir = tiny_run / "eval"
     assert (eval_dir / "report.md").read_text().count("| harmful (harmful) |") == 3
+    assert (eval_dir / "plots" / "refusal.png").stat().st_size > 1000
+    assert (eval_dir / "plots" / "projection_vs_refusal.png").stat().st_size > 1000
     files = sorted(p.name for p in (eval_dir / "completions").glob("*.jsonl"))
     assert len(files) == 6
     stamps = {p: p.stat().st_mtime_ns for p in (eval_dir / "completions").iterdir()}

@@ -37,3 +37,45 @@ def selection_heatmaps(result: SelectionResult, eoi_tokens: list[str]):
                        s=80, facecolors="none", edgecolors="red")
     fig.tight_layout()
     return fig
+
+
+def refusal_bars(report: dict):
+    """Refusal score per dataset (groups) and intervention (bars), from an eval report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(report["refusal_and_safety"])
+    interventions = list(dict.fromkeys(iv for e in report["refusal_and_safety"].values() for iv in e["interventions"]))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(datasets) * len(interventions) / 2), 3.2))
+    width = 0.8 / len(interventions)
+    for i, iv in enumerate(interventions):
+        values = [report["refusal_and_safety"][d]["interventions"].get(iv, {}).get("refusal_score", float("nan"))
+                  for d in datasets]
+        ax.bar([x + i * width for x in range(len(datasets))], values, width, label=iv)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(datasets))], datasets, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("refusal score (substring)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def projection_scatter(magnitude: dict, layer: int):
+    """Projection ratio vs baseline refusal log-odds, one colour per dataset (the magnitude study)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, s in magnitude["datasets"].items():
+        r = "n/a" if s["pearson_r"] is None else f"{s['pearson_r']:.2f}"
+        ax.scatter(s["projection_ratio"], s["refusal_log_odds"], s=10, label=f"{name} (r = {r})")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel(f"projection ratio (a . r) / |r|^2 at layer {layer}, position -1")
+    ax.set_ylabel("refusal log-odds (baseline)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

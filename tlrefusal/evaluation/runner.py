@@ -6,6 +6,8 @@ RUN/eval/
                                                a re-run with the same setup reuses the completions
   report.json                                  every number with its sample size
   report.md                                    the tables in the paper's layout
+  plots/refusal.png                            refusal score per dataset and intervention
+  plots/projection_vs_refusal.png              the magnitude study's scatter (hooked runs only)
 
 Interventions: the run's model at baseline, under directional ablation (every layer and position), and
 under activation addition at the chosen layer, -r on harmful prompts and +r on harmless ones (the
@@ -142,7 +144,21 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
               "seconds": round(time.perf_counter() - started, 1)}
     artifacts.write_json(out_dir / REPORT_JSON, report)
     artifacts.write_text(out_dir / REPORT_MD, markdown_report(report))
+    _plots(out_dir, report)
     return report
+
+
+def _plots(out_dir: Path, report: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    from tlrefusal.plots import projection_scatter, refusal_bars
+
+    figures = {"refusal.png": refusal_bars(report)}
+    if report["magnitude"] is not None:
+        figures["projection_vs_refusal.png"] = projection_scatter(report["magnitude"], report["direction"]["layer"])
+    for name, figure in figures.items():
+        artifacts.write_plot(out_dir / "plots" / name, figure)
+        plt.close(figure)
 
 
 def _eval_sets(run_dir: Path, run_config: dict, config: EvalConfig, cache_dir: Path | None
