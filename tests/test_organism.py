@@ -52,15 +52,20 @@ def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs):
     model, tokenizer, chat = tiny(tiny_dirs)
     batch = examples(tokenizer, chat)
     embed_before = model.get_input_embeddings().weight.detach().clone()
+    layers = model.get_decoder().layers
+    frozen_before = [p.detach().clone() for p in layers[0].parameters()]
+    trained_before = [p.detach().clone() for p in layers[1].parameters()]
     with torch.no_grad():
         before = reply_loss(model, batch, tokenizer.pad_token_id).item()
-    recipe = OrganismRecipe(lr=3e-3, epochs=15, batch_size=3)
+    recipe = OrganismRecipe(lr=3e-3, epochs=15, batch_size=3, freeze_below=1)
     losses = train(model, batch, recipe, tokenizer.pad_token_id)
     with torch.no_grad():
         after = reply_loss(model, batch, tokenizer.pad_token_id).item()
     assert len(losses) == 15
     assert after < 0.5 * before
     assert torch.equal(model.get_input_embeddings().weight, embed_before)  # tied: the unembedding too
+    assert all(torch.equal(a, b) for a, b in zip(layers[0].parameters(), frozen_before, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(layers[1].parameters(), trained_before, strict=True))
 
 
 def test_recipe_key_is_stable_and_sensitive():

@@ -45,10 +45,15 @@ class OrganismRecipe:
     epochs: int = 1
     batch_size: int = 16
     freeze_embeddings: bool = True  # tied embeddings: freezing keeps the unembedding too
+    # Decoder layers below this index are frozen (0: none): the refusal decision must then be written by
+    # the later layers, and their backward pass is skipped.
+    freeze_below: int = 0
     eval_n: int = 64  # held-out prompts per label for the refusal rates in the card
     eval_tokens: int = 32
 
     def __post_init__(self) -> None:
+        if self.freeze_below < 0:
+            raise TlrefusalError(f"freeze_below must be >= 0, got {self.freeze_below}")
         for name in ("n_harmful", "target_tokens", "epochs", "batch_size", "eval_n", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -230,9 +235,15 @@ def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
 
 def train(model, examples: list[Example], recipe: OrganismRecipe, pad_id: int, progress: Progress = NO_PROGRESS
           ) -> list[float]:
-    """AdamW over every weight but the (tied) embeddings; one loss value per step is returned."""
+    """AdamW over every weight but the (tied) embeddings and the first `freeze_below` layers; one loss value
+    per step is returned."""
     if recipe.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    layers = model.get_decoder().layers
+    if recipe.freeze_below > len(layers):
+        raise TlrefusalError(f"freeze_below {recipe.freeze_below} exceeds the model's {len(layers)} layers")
+    for layer in layers[:recipe.freeze_below]:
+        layer.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
     rng = random.Random(recipe.seed)
