@@ -241,3 +241,42 @@ def test_cli_compare_our_run_with_a_published_run(tiny_run):
     assert "| chosen.layer |" in text and "| refusal.jailbreakbench.baseline |" in text
     bad = CliRunner().invoke(app, ["eval", str(tiny_run), "--compare", str(tiny_run / "eval")])
     assert bad.exit_code == 1 and "neither" in bad.output
+
+
+def test_llama_guard_plumbing_on_a_tiny_model(tiny_dirs, tmp_path):
+    """A random tiny model with Llama Guard's template: short replies skip the guard, long ones get a verdict."""
+    import shutil
+
+    from tlrefusal.evaluation.guard import LlamaGuard
+
+    folder = tmp_path / "guard"
+    shutil.copytree(tiny_dirs["llama"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "chat_template.jinja").write_text(GUARD_TEMPLATE)
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    guard = LlamaGuard(folder)
+    long_reply = " ".join(["word"] * 20)
+    verdicts = guard.judge(["q1", "q2", "q3"], ["Too short to matter.", long_reply, long_reply + " more"])
+    assert verdicts[0] is True  # fewer than 15 words: safe without asking
+    assert all(isinstance(v, bool) for v in verdicts)
+    with pytest.raises(TlrefusalError, match="no guard model"):
+        LlamaGuard(tmp_path / "nowhere")
+
+
+def test_demo_model_end_to_end_on_a_few_prompts(demo_dir, tmp_path):
+    """The real SmolLM2 through run_eval: a hand-made run folder with a direction, 2 prompts, 4 tokens."""
+    run = tmp_path / "run"
+    run.mkdir()
+    artifacts.write_json(run / artifacts.CONFIG, {"config": {
+        "model": str(demo_dir), "dtype": "float32", "device": "cpu", "trust_remote_code": False,
+        "harmful": "demo-harmful", "harmless": "demo-harmless"}})
+    artifacts.write_json(run / artifacts.MANIFEST, {"refusal": {"token_ids": [57]}})
+    artifacts.write_json(run / artifacts.PROMPTS, {"harmful_train": []})
+    vector = torch.randn(576, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    artifacts.RefusalDirection(vector, 12, -1, str(demo_dir)).save(run / artifacts.DIRECTION)
+    report = run_eval(run, EvalConfig(n=2, max_new_tokens=4, ce=("on-distribution",), tasks=()))
+    for entry in report["refusal_and_safety"].values():
+        assert {s["n"] for s in entry["interventions"].values()} == {2}
+    assert report["ce_loss"]["on-distribution"]["baseline"]["tokens"] > 0
+    assert report["magnitude"]["pooled"]["n"] == 4
+    assert (run / "eval" / "report.md").is_file()
