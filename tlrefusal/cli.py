@@ -163,6 +163,8 @@ def organism(
     epochs: Annotated[int | None, typer.Option(help="Passes over the training set (default 1).")] = None,
     target_tokens: Annotated[int | None, typer.Option(help="Reply tokens trained per example (default 12).")]
     = None,
+    freeze_below: Annotated[int | None, typer.Option(help="Freeze the first N decoder layers (default 0).")]
+    = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -170,7 +172,8 @@ def organism(
     from tlrefusal.organism import OrganismRecipe, build_organism
 
     try:
-        given = {"seed": seed, "n_harmful": n_harmful, "lr": lr, "epochs": epochs, "target_tokens": target_tokens}
+        given = {"seed": seed, "n_harmful": n_harmful, "lr": lr, "epochs": epochs, "target_tokens": target_tokens,
+                 "freeze_below": freeze_below}
         recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None})
         folder, card = build_organism(recipe, out_dir, cache_dir, force, RichProgress(console))
     except TlrefusalError as exc:
