@@ -66,3 +66,17 @@ def test_left_padding_and_explicit_mask(tiny_models):
     ids, mask = chat.encode(["Hi", "Write a much longer poem about the sea and the sky."])
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
     assert tuple(ids[0, -len(chat.eoi_ids):].tolist()) == chat.eoi_ids
+
+
+@pytest.mark.parametrize(("family", "marker"), [("qwen", "<|im_end|>"), ("yi", "<|im_end|>"),
+                                                ("gemma", "<end_of_turn>"), ("llama3", "<|eot_id|>")])
+def test_stop_ids_hold_eos_and_the_templates_end_of_turn(family, marker):
+    tok = byte_bpe_tokenizer(family)
+    chat = ChatFormat.from_tokenizer(tok)
+    assert tok.eos_token_id in chat.stop_ids
+    assert tok.convert_tokens_to_ids(marker) in chat.stop_ids  # Gemma and Llama-3 end turns with a non-EOS token
+
+
+def test_stop_ids_without_a_special_end_of_turn_are_eos_only():
+    tok = sentencepiece_like_llama2_tokenizer()
+    assert ChatFormat.from_tokenizer(tok).stop_ids == (tok.eos_token_id,)

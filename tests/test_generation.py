@@ -61,3 +61,39 @@ def test_greedy_completions_match_hf_and_apply_hooks(tiny_models):
     push = torch.randn(model.d_model, generator=torch.Generator().manual_seed(9)) * 20
     steered = greedy_completions(model, chat, PROMPTS, N_NEW, addition_hooks(push, 1, 1.0))
     assert steered != ours
+
+
+def test_until_stop_cuts_at_the_first_stop_token():
+    from tlrefusal.generation import until_stop
+
+    assert until_stop([5, 6, 107, 8, 1], [1, 107]) == [5, 6]
+    assert until_stop([5, 6], [1, 107]) == [5, 6]
+    assert until_stop([1], [1]) == []
+
+
+def test_generation_stops_at_gemmas_end_of_turn(tiny_models):
+    """Force <end_of_turn> (not Gemma's EOS) as the first reply token only: the reply must end there, although
+    the model would go on writing (with EOS alone as the stop token it did)."""
+    from hooks import sites
+    from tlrefusal.generation import greedy_completions
+
+    model = tiny_models["gemma"]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    end_of_turn = model.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end_of_turn != model.tokenizer.eos_token_id and end_of_turn in chat.stop_ids
+    push = model.bridge.original_model.get_output_embeddings().weight[end_of_turn].detach() * 1e3
+
+    def first_step_only(x, hook):
+        if x.shape[1] > 1:  # the prompt pass; later KV-cached steps see one position
+            x = x.clone()
+            x[:, -1] += push
+        return x
+
+    hooks = [(sites.resid_pre(model.n_layers - 1), first_step_only)]
+    assert greedy_completions(model, chat, PROMPTS, N_NEW, hooks) == [""] * len(PROMPTS)
+    ids = chat.encode(PROMPTS[:1])[0]
+    with model.bridge.hooks(fwd_hooks=hooks):
+        unstopped = model.bridge.generate(ids, max_new_tokens=N_NEW, do_sample=False, stop_at_eos=False,
+                                          return_type="tokens", verbose=False)[0, ids.shape[1]:].tolist()
+    assert unstopped[0] == end_of_turn  # the push works, and without the stop the model writes on:
+    assert model.tokenizer.decode(unstopped[1:], skip_special_tokens=True).strip()

@@ -29,6 +29,9 @@ class ChatFormat:
     tokenizer: object
     suffix: str
     eoi_ids: tuple[int, ...]
+    # Tokens that end a reply: EOS, and the special token the template writes after an assistant turn
+    # (Gemma's <end_of_turn> and Llama-3's <|eot_id|> are not the tokenizer's EOS).
+    stop_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "ChatFormat":
@@ -42,7 +45,7 @@ class ChatFormat:
         if not eoi:
             raise TlrefusalError("the chat template puts nothing after the instruction, so there are no "
                                  "post-instruction positions")
-        return cls(tokenizer=tokenizer, suffix=suffix, eoi_ids=eoi)
+        return cls(tokenizer=tokenizer, suffix=suffix, eoi_ids=eoi, stop_ids=_stop_ids(tokenizer))
 
     def format(self, instruction: str) -> str:
         return _render(self.tokenizer, instruction)
@@ -82,6 +85,22 @@ class ChatFormat:
             if full[k] not in ids:
                 ids.append(full[k])
         return ids
+
+
+def _stop_ids(tokenizer) -> tuple[int, ...]:
+    """EOS, plus the first token after an assistant turn in the template if it is a special token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    except Exception:  # a template that rejects assistant turns: EOS alone ends replies
+        return tuple(ids)
+    if rendered.count(_SENTINEL) == 1:
+        after = tokenizer.encode(rendered.split(_SENTINEL)[1], add_special_tokens=False)
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        if after and after[0] in special and after[0] not in ids:
+            ids.append(after[0])
+    return tuple(ids)
 
 
 def left_pad(token_lists, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -348,6 +348,7 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
 
     from hooks import ablation_hooks
     from tlrefusal.chat import ChatFormat
+    from tlrefusal.generation import until_stop
     from tlrefusal.model import DTYPES, load_model
 
     config = artifacts.read_json(folder / "config.json")
@@ -359,22 +360,22 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
         plain = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code).eval()
     chat = ChatFormat.from_tokenizer(hooked.tokenizer)
     hooks = ablation_hooks(direction.vector, hooked.n_layers)
-    eos = hooked.tokenizer.eos_token_id
+    stops = list(chat.stop_ids)
     max_diff, greedy_equal, examples = 0.0, 0, []
     with progress.task("Verifying the export against hook ablation", total=len(VERIFY_PROMPTS)) as advance:
         for prompt in VERIFY_PROMPTS:
             ids, mask = chat.encode([prompt])
             mine = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
-                                  pad_token_id=hooked.tokenizer.pad_token_id)
+                                  pad_token_id=hooked.tokenizer.pad_token_id, eos_token_id=stops)
             with hooked.bridge.hooks(fwd_hooks=hooks):
                 theirs = hooked.bridge.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
-                                                stop_at_eos=True, eos_token_id=eos, return_type="tokens",
+                                                stop_at_eos=True, eos_token_id=stops, return_type="tokens",
                                                 verbose=False)
                 full = torch.ones_like(mine)
                 hooked_logits = hooked.bridge(mine, attention_mask=full).float()
             plain_logits = plain(input_ids=mine, attention_mask=full).logits.float()
             max_diff = max(max_diff, (hooked_logits - plain_logits).abs().max().item())
-            a, b = _until_eos(mine[0, ids.shape[1]:].tolist(), eos), _until_eos(theirs[0, ids.shape[1]:].tolist(), eos)
+            a, b = until_stop(mine[0, ids.shape[1]:].tolist(), stops), until_stop(theirs[0, ids.shape[1]:].tolist(), stops)
             greedy_equal += a == b
             examples.append({"prompt": prompt, "export": hooked.tokenizer.decode(a, skip_special_tokens=True),
                              "hooks": hooked.tokenizer.decode(b, skip_special_tokens=True)})
@@ -383,10 +384,6 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
     return {"dtype": dtype_name, "n_prompts": len(VERIFY_PROMPTS), "n_tokens": n_tokens,
             "max_abs_logit_diff": max_diff, "tolerance": tolerance, "greedy_equal": greedy_equal,
             "passed": max_diff <= tolerance, "examples": examples}
-
-
-def _until_eos(tokens: list[int], eos: int) -> list[int]:
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
 def file_sha256(path: Path) -> str:

@@ -25,23 +25,28 @@ def greedy_completions(
     batch_size: int = 32,
     advance: Advance | None = None,
 ) -> list[str]:
-    """Greedy replies, cut at the first end-of-turn token and stripped of special tokens."""
+    """Greedy replies, cut at the first stop token (EOS or the template's end of turn), special tokens
+    stripped."""
     tokenizer = model.tokenizer
-    eos = tokenizer.eos_token_id
+    stops = list(chat.stop_ids) or [tokenizer.eos_token_id]
     replies: list[str] = []
     with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
         for batch in batches(list(instructions), batch_size):
             ids, mask = chat.encode(batch)
             out = model.bridge.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                                         max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=True,
-                                        eos_token_id=eos, return_type="tokens", verbose=False)
+                                        eos_token_id=stops, return_type="tokens", verbose=False)
             for row in out[:, ids.shape[1]:].tolist():
-                if eos in row:
-                    row = row[: row.index(eos)]
-                replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                replies.append(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True).strip())
             if advance is not None:
                 advance(len(batch))
     return replies
+
+
+def until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token."""
+    cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return tokens[:cut]
 
 
 def refusal_replies(
