@@ -1,0 +1,160 @@
+"""The extract steps written twice more, for the benchmarks: through NNsight 0.8 and through plain PyTorch.
+
+Both run the paper's algorithm as the NNsight replication does (SPEC 1.4-1.6): per candidate, one
+ablated pass over the harmful validation prompts, one over the harmless ones, and one activation-addition
+pass over the harmless ones, each a full forward pass with the full-sequence unembedding; no prompt prefix
+is shared. They use tlrefusal's pure tensor math (`hooks.ops`, `tlrefusal.scoring`) and its tokenization
+(`ChatFormat.encode`), so the comparison measures the frameworks and the algorithm, not the formulas.
+Positions ids are derived from the attention mask, as the TransformerBridge does, so left-padded rows
+see the same positions on every side.
+
+- NNsight: `TransformersModel` (text generation) over a Hugging Face model; interventions by assigning a layer's
+  `.input`, the attention module's `.output` tuple and the MLP's `.output` inside `model.trace(...)`.
+- Plain PyTorch: `register_forward_pre_hook` / `register_forward_hook` on the decoder layers, attention
+  and MLP modules (as ORIG does), and `output_hidden_states=True` for mean activations.
+"""
+from collections.abc import Sequence
+
+import torch
+
+from hooks.ops import add_scaled, project_out, unit
+from tlrefusal.chat import ChatFormat
+from tlrefusal.scoring import kl_divergence, refusal_log_odds
+from tlrefusal.selection import CandidateScore
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _encode(chat: ChatFormat, prompts: Sequence[str]):
+    ids, mask = chat.encode(list(prompts))
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class Implementation:
+    """Mean activations and last-position logits under ablation / addition; subclasses pick the framework."""
+
+    name = "?"
+
+    def __init__(self, hf_model, chat: ChatFormat, batch_size: int = 32) -> None:
+        self.hf, self.chat, self.batch_size = hf_model, chat, batch_size
+        self.layers = hf_model.model.layers
+
+    def mean_activations(self, prompts: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def last_logits(self, prompts, ablate: torch.Tensor | None = None, add: torch.Tensor | None = None,
+                    layer: int = 0, coeff: float = 1.0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score_candidates(self, directions: torch.Tensor, harmful_val: list[str], harmless_val: list[str],
+                         refusal_ids: list[int], first_pruned_layer: int) -> list[CandidateScore]:
+        """The paper's algorithm, candidate by candidate (3 passes each); NaN scores for pruned layers."""
+        nan = float("nan")
+        base = self.last_logits(harmless_val)
+        scores = []
+        for i, position in enumerate(self.chat.positions):
+            for layer in range(directions.shape[1]):
+                if layer >= first_pruned_layer:
+                    scores.append(CandidateScore(position, layer, nan, nan, nan))
+                    continue
+                r = directions[i, layer]
+                bypass = refusal_log_odds(self.last_logits(harmful_val, ablate=r), refusal_ids).mean().item()
+                kl = kl_divergence(base, self.last_logits(harmless_val, ablate=r)).mean().item()
+                induce = refusal_log_odds(self.last_logits(harmless_val, add=r, layer=layer), refusal_ids).mean().item()
+                scores.append(CandidateScore(position, layer, bypass, induce, kl))
+        return scores
+
+
+class NNsightSteps(Implementation):
+    name = "nnsight"
+
+    def __init__(self, hf_model, chat: ChatFormat, batch_size: int = 32) -> None:
+        from nnsight import TransformersModel
+
+        super().__init__(hf_model, chat, batch_size)
+        self.lm = TransformersModel(hf_model, task="text-generation", tokenizer=chat.tokenizer)
+
+    @torch.inference_mode()
+    def mean_activations(self, prompts):
+        positions = torch.tensor(self.chat.positions)
+        total, count = None, 0
+        for batch in _batches(list(prompts), self.batch_size):
+            ids, mask, position_ids = _encode(self.chat, batch)
+            with self.lm.trace(ids, attention_mask=mask, position_ids=position_ids):
+                acts = list().save()
+                for layer in self.lm.model.layers:
+                    acts.append(layer.input[:, positions, :])
+            stacked = torch.stack([a.double().sum(0) for a in acts], dim=1)  # [n_pos, n_layer, d_model]
+            total = stacked if total is None else total + stacked
+            count += len(batch)
+        return total / count
+
+    @torch.inference_mode()
+    def last_logits(self, prompts, ablate=None, add=None, layer=0, coeff=1.0):
+        out = []
+        u = unit(ablate.double()).float() if ablate is not None else None
+        for batch in _batches(list(prompts), self.batch_size):
+            ids, mask, position_ids = _encode(self.chat, batch)
+            with self.lm.trace(ids, attention_mask=mask, position_ids=position_ids):
+                if u is not None:
+                    for block in self.lm.model.layers:
+                        block.input = project_out(block.input, u)
+                        attn = block.self_attn.output
+                        block.self_attn.output = (project_out(attn[0], u), *attn[1:])
+                        block.mlp.output = project_out(block.mlp.output, u)
+                if add is not None:
+                    block = self.lm.model.layers[layer]
+                    block.input = add_scaled(block.input, add.float(), coeff)
+                logits = self.lm.lm_head.output[:, -1, :].save()
+            out.append(logits.float())
+        return torch.cat(out)
+
+
+class PlainSteps(Implementation):
+    name = "plain torch"
+
+    @torch.inference_mode()
+    def mean_activations(self, prompts):
+        positions = torch.tensor(self.chat.positions)
+        total, count = None, 0
+        for batch in _batches(list(prompts), self.batch_size):
+            ids, mask, position_ids = _encode(self.chat, batch)
+            hidden = self.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                             output_hidden_states=True, logits_to_keep=1).hidden_states
+            stacked = torch.stack([hidden[layer][:, positions, :].double().sum(0)
+                                   for layer in range(len(self.layers))], dim=1)  # hidden[l] = resid_pre(l)
+            total = stacked if total is None else total + stacked
+            count += len(batch)
+        return total / count
+
+    @torch.inference_mode()
+    def last_logits(self, prompts, ablate=None, add=None, layer=0, coeff=1.0):
+        handles = []
+        if ablate is not None:
+            u = unit(ablate.double()).float()
+            for block in self.layers:
+                handles.append(block.register_forward_pre_hook(
+                    lambda m, args, kwargs: ((project_out(args[0], u), *args[1:]), kwargs) if args else
+                    (args, {**kwargs, "hidden_states": project_out(kwargs["hidden_states"], u)}), with_kwargs=True))
+                handles.append(block.self_attn.register_forward_hook(
+                    lambda m, a, out: (project_out(out[0], u), *out[1:])))
+                handles.append(block.mlp.register_forward_hook(lambda m, a, out: project_out(out, u)))
+        if add is not None:
+            vector = add.float()
+            handles.append(self.layers[layer].register_forward_pre_hook(
+                lambda m, args, kwargs: ((add_scaled(args[0], vector, coeff), *args[1:]), kwargs) if args else
+                (args, {**kwargs, "hidden_states": add_scaled(kwargs["hidden_states"], vector, coeff)}),
+                with_kwargs=True))
+        try:
+            out = []
+            for batch in _batches(list(prompts), self.batch_size):
+                ids, mask, position_ids = _encode(self.chat, batch)
+                logits = self.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+                out.append(logits[:, -1, :].float())
+            return torch.cat(out)
+        finally:
+            for h in handles:
+                h.remove()

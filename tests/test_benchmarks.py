@@ -1,0 +1,40 @@
+"""Smoke runs of the benchmarks on tiny inputs: they run end to end and write what they promise.
+
+The full benchmarks (paper sizes, the demo model, the organism build) are not CI tests; see
+benchmarks/README.md.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
+    pytest.importorskip("nnsight", reason="the bench extra is not installed")
+    import bench_nnsight
+
+    out = tmp_path / "nnsight.json"
+    report = bench_nnsight.main(["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
+                                 "--prune", "0.5", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["benchmark"] == "nnsight"
+    for name in ("nnsight", "plain torch"):  # same numbers on all three sides
+        assert report["fidelity"]["candidates"][name]["max_abs_diff"] < 1e-5
+    selection = report["selection"]
+    assert selection["candidates_scored"] == 5 * 2  # 5 positions (qwen template) x layers 0-1 of 4
+    assert max(selection["max_abs_score_diff"].values()) < 1e-3
+    assert selection["same_choice"]
+
+
+def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
+    import bench_orthogonalize
+
+    out = tmp_path / "ortho.json"
+    report = bench_orthogonalize.main(["--model", str(tiny_dirs["llama_tied"]), "--shard-size", "40KB",
+                                       "--out", str(out)])
+    rows = report["rows"]
+    assert [r["shards"] for r in rows][0] == 1 and rows[1]["shards"] > 1
+    assert all(r["peak_rss_mb"] > 0 and r["checkpoint_mb"] > 0 for r in rows)
