@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                                   "fewer candidates scored, for quick runs)")
     parser.add_argument("--repeats", type=int, default=3, help="timed extraction runs after a warm-up")
     parser.add_argument("--skip-selection", action="store_true")
+    parser.add_argument("--gen-prompts", type=int, default=16, help="held-out prompts for the generation speed "
+                                                                    "check (0: skip)")
+    parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nnsight_demo.json")
     args = parser.parse_args(argv)
 
@@ -134,6 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         }
         fidelity["scores"] = diffs
 
+    generation = None
+    if args.gen_prompts:
+        generation = generation_speed(model, chat, hf, ours, pools["harmless_val"], args.gen_prompts, args.gen_tokens)
+
     import nnsight
     import transformers
 
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "extraction": extraction,
         "ratios": {"extraction_tlrefusal_over_nnsight": t["tlrefusal"] / t["nnsight"],
                    "extraction_tlrefusal_over_plain": t["tlrefusal"] / t["plain torch"]},
-        "selection": selection, "fidelity": fidelity,
+        "selection": selection, "generation": generation, "fidelity": fidelity,
         "versions": {"tlrefusal": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "nnsight": nnsight.__version__, "python": platform.python_version()},
         "threads": torch.get_num_threads(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"),
@@ -152,6 +159,40 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     return report
+
+
+def generation_speed(model, chat, hf, candidates, pool, n_prompts: int, n_tokens: int) -> dict:
+    """Greedy tokens/s: tlrefusal under ablation hooks vs plain transformers `generate` with no hooks.
+
+    Every reply is forced to the full length (no stop token), so both sides generate the same token count.
+    """
+    from hooks import ablation_hooks
+    from tlrefusal.activations import batches
+
+    prompts = [p.instruction for p in pool[-n_prompts:]]
+    r = candidates[-1, model.n_layers // 2]
+    hooks = ablation_hooks(r, model.n_layers)
+
+    def ours():
+        with model.bridge.hooks(fwd_hooks=hooks):
+            for batch in batches(prompts, 16):
+                ids, mask = chat.encode(batch)
+                model.bridge.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
+                                      stop_at_eos=False, return_type="tokens", verbose=False)
+
+    @torch.inference_mode()
+    def plain():
+        for batch in batches(prompts, 16):
+            ids, mask = chat.encode(batch)
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                        do_sample=False, pad_token_id=chat.tokenizer.pad_token_id)
+
+    _, ours_s, _ = timed(ours, 1)
+    _, plain_s, _ = timed(plain, 1)
+    tokens = len(prompts) * n_tokens
+    return {"prompts": len(prompts), "new_tokens_each": n_tokens,
+            "tokens_per_second": {"tlrefusal_ablation": tokens / ours_s, "plain_transformers": tokens / plain_s},
+            "ratio_tlrefusal_over_plain": plain_s / ours_s}
 
 
 def print_table(report: dict) -> None:
@@ -169,6 +210,11 @@ def print_table(report: dict) -> None:
               f"nnsight {s['seconds']['nnsight']:.1f}s, speedup {s['speedup_nnsight_over_tlrefusal']:.2f}x; "
               f"max |score diff| " + ", ".join(f"{k} {v:.2g}" for k, v in s["max_abs_score_diff"].items())
               + f"; chosen {s['chosen']} (same: {s['same_choice']})")
+    g = report.get("generation")
+    if g:
+        print(f"generation ({g['prompts']} x {g['new_tokens_each']} tokens): tlrefusal under ablation "
+              f"{g['tokens_per_second']['tlrefusal_ablation']:.1f} tok/s, plain transformers without hooks "
+              f"{g['tokens_per_second']['plain_transformers']:.1f} tok/s, ratio {g['ratio_tlrefusal_over_plain']:.2f}")
 
 
 if __name__ == "__main__":

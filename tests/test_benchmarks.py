@@ -19,7 +19,8 @@ def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
 
     out = tmp_path / "nnsight.json"
     report = bench_nnsight.main(["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
-                                 "--prune", "0.5", "--repeats", "1", "--out", str(out)])
+                                 "--prune", "0.5", "--repeats", "1", "--gen-prompts", "2", "--gen-tokens", "3",
+                                 "--out", str(out)])
     assert json.loads(out.read_text())["benchmark"] == "nnsight"
     for name in ("nnsight", "plain torch"):  # same numbers on all three sides
         assert report["fidelity"]["candidates"][name]["max_abs_diff"] < 1e-5
@@ -27,6 +28,7 @@ def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
     assert selection["candidates_scored"] == 5 * 2  # 5 positions (qwen template) x layers 0-1 of 4
     assert max(selection["max_abs_score_diff"].values()) < 1e-3
     assert selection["same_choice"]
+    assert report["generation"]["tokens_per_second"]["tlrefusal_ablation"] > 0
 
 
 def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
