@@ -156,3 +156,15 @@ def test_shared_prefix_length_leaves_a_token():
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1
     assert shared_prefix_length([[7, 8, 9]]) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_mean_activations_with_a_shared_head_equal_full_passes(arch, tiny_models):
+    """The template head runs once; the means equal full passes, also when prompts share most of their words
+    (the head must stop before the recorded post-instruction positions; identical prompts share all but one)."""
+    model = tiny_models[arch]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    for prompts in (PROMPTS, ["Tell me how to pick a lock.", "Tell me how to pick a lock!"], ["Hi", "Hi", "Hi"]):
+        shared = mean_activations(model, chat, prompts, batch_size=2)
+        full = mean_activations(model, chat, prompts, batch_size=2, share_prefix=False)
+        assert torch.allclose(shared, full, atol=1e-4), (shared - full).abs().max()

@@ -61,26 +61,37 @@ def last_logits(
     tokens = chat.tokenize(instructions)
     n_shared = shared_prefix_length(tokens) if share_prefix else 0
     out: list[torch.Tensor | None] = [None] * len(tokens)
-    device = model.device
     with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-        prefix_cache = None
-        if n_shared > 0:
-            head = torch.tensor([tokens[0][:n_shared]], device=device)
-            _, prefix_cache = model.bridge(head, return_type="logits_and_cache", logits_to_keep=1)
+        prefix_cache = _head_cache(model, tokens[0][:n_shared])  # under the same hooks as every batch
         for indices in length_sorted_batches(tokens, batch_size):
-            ids, mask = left_pad([tokens[i][n_shared:] for i in indices], chat.tokenizer.pad_token_id)
-            kwargs = {}
-            if prefix_cache is not None:
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(indices))
-                mask = torch.cat([torch.ones(len(indices), n_shared, dtype=mask.dtype), mask], dim=1)
-                kwargs["past_key_values"] = cache
-            logits = model.bridge(ids.to(device), attention_mask=mask.to(device), logits_to_keep=1, **kwargs)
+            ids, mask, kwargs = _suffix_inputs(model, chat, [tokens[i] for i in indices], n_shared, prefix_cache)
+            logits = model.bridge(ids, attention_mask=mask, logits_to_keep=1, **kwargs)
             for i, row in zip(indices, logits[:, -1, :].float().cpu(), strict=True):
                 out[i] = row
             if advance is not None:
                 advance(len(indices))
     return torch.stack(out)
+
+
+def _head_cache(model: LoadedModel, head: Sequence[int]):
+    """The KV cache of the template head every prompt starts with (None if there is none to share)."""
+    if not head:
+        return None
+    _, cache = model.bridge(torch.tensor([list(head)], device=model.device), return_type="logits_and_cache",
+                            logits_to_keep=1)
+    return cache
+
+
+def _suffix_inputs(model: LoadedModel, chat: ChatFormat, token_lists, n_shared: int, prefix_cache):
+    """Left-padded ids of each prompt after the shared head, the mask over head + suffix, and the cache."""
+    ids, mask = left_pad([tokens[n_shared:] for tokens in token_lists], chat.tokenizer.pad_token_id)
+    kwargs = {}
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(token_lists))
+        mask = torch.cat([torch.ones(len(token_lists), n_shared, dtype=mask.dtype), mask], dim=1)
+        kwargs["past_key_values"] = cache
+    return ids.to(model.device), mask.to(model.device), kwargs
 
 
 @torch.inference_mode()
@@ -90,18 +101,25 @@ def mean_activations(
     instructions: Sequence[str],
     batch_size: int = 32,
     advance: Advance | None = None,
+    share_prefix: bool = True,
 ) -> Float[Tensor, "n_pos n_layer d_model"]:
     """Mean resid_pre over prompts at every layer and every post-instruction position, in float64.
 
-    Per-prompt activations are never kept: the recorder adds each batch's rows into a float64 sum.
-    The bridge runs the whole model; logits_to_keep=1 at least skips the full-sequence unembedding.
+    Per-prompt activations are never kept: the recorder adds each batch's rows into a float64 sum. As in
+    `last_logits`, the shared template head runs once (without the recorder: nothing is read there, and
+    the post-instruction positions always lie after it), prompts are batched by length, and
+    logits_to_keep=1 skips the full-sequence unembedding.
     """
     recorder = MeanRecorder(chat.positions, list(range(model.n_layers)), model.d_model)
+    tokens = chat.tokenize(instructions)
+    n_shared = 0
+    if share_prefix:  # the recorded positions -n_eoi..-1 must stay in every prompt's own part
+        n_shared = max(0, min(shared_prefix_length(tokens), min(map(len, tokens)) - len(chat.positions)))
+    prefix_cache = _head_cache(model, tokens[0][:n_shared])
     with model.bridge.hooks(fwd_hooks=recorder.hooks()):
-        tokens = chat.tokenize(instructions)
         for indices in length_sorted_batches(tokens, batch_size):
-            ids, mask = left_pad([tokens[i] for i in indices], chat.tokenizer.pad_token_id)
-            model.bridge(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1)
+            ids, mask, kwargs = _suffix_inputs(model, chat, [tokens[i] for i in indices], n_shared, prefix_cache)
+            model.bridge(ids, attention_mask=mask, logits_to_keep=1, **kwargs)
             if advance is not None:
                 advance(len(indices))
     means = recorder.mean()
