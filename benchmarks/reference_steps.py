@@ -42,7 +42,19 @@ class Implementation:
         self.hf, self.chat, self.batch_size = hf_model, chat, batch_size
         self.layers = hf_model.model.layers
 
+    @torch.inference_mode()
     def mean_activations(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Mean resid_pre at every layer and post-instruction position, [n_pos, n_layer, d_model], float64."""
+        positions = torch.tensor(self.chat.positions)
+        total, count = None, 0
+        for batch in _batches(list(prompts), self.batch_size):
+            sums = self._resid_pre_sums(*_encode(self.chat, batch), positions)
+            total = sums if total is None else total + sums
+            count += len(batch)
+        return total / count
+
+    def _resid_pre_sums(self, ids, mask, position_ids, positions) -> torch.Tensor:
+        """Sum over the batch of resid_pre at `positions`, every layer: [n_pos, n_layer, d_model], float64."""
         raise NotImplementedError
 
     def last_logits(self, prompts, ablate: torch.Tensor | None = None, add: torch.Tensor | None = None,
@@ -77,20 +89,12 @@ class NNsightSteps(Implementation):
         super().__init__(hf_model, chat, batch_size)
         self.lm = TransformersModel(hf_model, task="text-generation", tokenizer=chat.tokenizer)
 
-    @torch.inference_mode()
-    def mean_activations(self, prompts):
-        positions = torch.tensor(self.chat.positions)
-        total, count = None, 0
-        for batch in _batches(list(prompts), self.batch_size):
-            ids, mask, position_ids = _encode(self.chat, batch)
-            with self.lm.trace(ids, attention_mask=mask, position_ids=position_ids):
-                acts = list().save()
-                for layer in self.lm.model.layers:
-                    acts.append(layer.input[:, positions, :])
-            stacked = torch.stack([a.double().sum(0) for a in acts], dim=1)  # [n_pos, n_layer, d_model]
-            total = stacked if total is None else total + stacked
-            count += len(batch)
-        return total / count
+    def _resid_pre_sums(self, ids, mask, position_ids, positions):
+        with self.lm.trace(ids, attention_mask=mask, position_ids=position_ids):
+            acts = list().save()
+            for layer in self.lm.model.layers:
+                acts.append(layer.input[:, positions, :])
+        return torch.stack([a.double().sum(0) for a in acts], dim=1)
 
     @torch.inference_mode()
     def last_logits(self, prompts, ablate=None, add=None, layer=0, coeff=1.0):
@@ -116,19 +120,11 @@ class NNsightSteps(Implementation):
 class PlainSteps(Implementation):
     name = "plain torch"
 
-    @torch.inference_mode()
-    def mean_activations(self, prompts):
-        positions = torch.tensor(self.chat.positions)
-        total, count = None, 0
-        for batch in _batches(list(prompts), self.batch_size):
-            ids, mask, position_ids = _encode(self.chat, batch)
-            hidden = self.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                             output_hidden_states=True, logits_to_keep=1).hidden_states
-            stacked = torch.stack([hidden[layer][:, positions, :].double().sum(0)
-                                   for layer in range(len(self.layers))], dim=1)  # hidden[l] = resid_pre(l)
-            total = stacked if total is None else total + stacked
-            count += len(batch)
-        return total / count
+    def _resid_pre_sums(self, ids, mask, position_ids, positions):
+        hidden = self.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True,
+                         logits_to_keep=1).hidden_states  # hidden[l] = resid_pre(l)
+        return torch.stack([hidden[layer][:, positions, :].double().sum(0) for layer in range(len(self.layers))],
+                           dim=1)
 
     @torch.inference_mode()
     def last_logits(self, prompts, ablate=None, add=None, layer=0, coeff=1.0):
