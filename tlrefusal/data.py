@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlrefusal.errors import TlrefusalError
+from tlrefusal.errors import TlrefusalError, first_line
 
 # Column names we accept for the instruction and the category, in order of preference.
 INSTRUCTION_FIELDS = ("instruction", "prompt", "goal", "Goal", "behavior", "Behavior", "forbidden_prompt",
@@ -124,7 +124,7 @@ def _hub_prompts(spec: HubDataset, name: str) -> list[Prompt]:
     try:
         rows = datasets.load_dataset(spec.repo, spec.config, split=spec.split)
     except Exception as exc:  # datasets raises many types for a missing hub or cache; all mean the same here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise TlrefusalError(f"could not load dataset '{name}' ({spec.repo}) from the Hugging Face hub or its "
                              f"cache: {reason}") from exc
     prompts = []

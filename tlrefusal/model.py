@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from tlrefusal.errors import TlrefusalError
+from tlrefusal.errors import TlrefusalError, first_line
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 SourceKind = Literal["demo", "local", "gguf", "hub"]
@@ -86,7 +86,7 @@ def _download_from_hub(repo_id: str, progress: Progress) -> Path:
         with progress.task(f"Fetching {repo_id} from the Hugging Face hub", total=None):
             folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # hub errors come in many types (offline, gated, missing); all are fatal here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise TlrefusalError(f"could not get '{repo_id}' from the Hugging Face hub or its cache ({reason}); "
                              "pass a local model folder or a .gguf file instead") from exc
     if not any(folder.glob("*.safetensors")):
@@ -117,7 +117,7 @@ def load_model(
                 trust_remote_code=trust_remote_code, **extra,
             )
         except (OSError, ValueError, KeyError) as exc:
-            raise TlrefusalError(f"could not load the model at {source.path}: {_first_line(exc)}") from exc
+            raise TlrefusalError(f"could not load the model at {source.path}: {first_line(exc)}") from exc
         if not getattr(tokenizer, "chat_template", None):
             raise TlrefusalError(f"{source.spec} has no chat template; tlrefusal needs a chat model")
         prepare_tokenizer(tokenizer)
@@ -128,7 +128,7 @@ def load_model(
             )
         except (ValueError, NotImplementedError) as exc:
             raise TlrefusalError(f"TransformerLens cannot wrap {source.spec} "
-                                 f"({hf_model.config.model_type}): {_first_line(exc)}") from exc
+                                 f"({hf_model.config.model_type}): {first_line(exc)}") from exc
     return LoadedModel(bridge=bridge, tokenizer=tokenizer, source=source,
                        model_type=hf_model.config.model_type, dtype=torch_dtype)
 
@@ -139,8 +139,3 @@ def prepare_tokenizer(tokenizer) -> None:
     if tokenizer.pad_token is None:
         # ORIG pads Llama-2/3 with EOS (SPEC 2); the pad id never reaches a real position anyway.
         tokenizer.pad_token = tokenizer.eos_token
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

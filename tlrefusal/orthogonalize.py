@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooks.ops import compute_dtype, project_out
-from tlrefusal.errors import TlrefusalError
+from tlrefusal.errors import TlrefusalError, first_line
 
 
 @dataclass(frozen=True)
@@ -144,5 +144,4 @@ def _adapter(config):
         return ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
     except (ValueError, NotImplementedError, KeyError) as exc:
         raise TlrefusalError(f"TransformerLens has no architecture adapter for {config.model_type}: "
-                             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-                             ) from exc
+                             f"{first_line(exc)}") from exc

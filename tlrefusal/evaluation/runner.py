@@ -27,7 +27,7 @@ from hooks import ablation_hooks, addition_hooks
 from tlrefusal import __version__, artifacts
 from tlrefusal.chat import ChatFormat
 from tlrefusal.data import Prompt, load_prompts, prompts_hash
-from tlrefusal.errors import TlrefusalError
+from tlrefusal.errors import TlrefusalError, first_line
 from tlrefusal.evaluation.coherence import DEFAULT_TASKS, lm_eval_model, resolve_tasks, run_lm_eval
 from tlrefusal.evaluation.guard import LlamaGuard
 from tlrefusal.evaluation.loss import ce_loss, reply_sequence, text_sequence
@@ -260,7 +260,7 @@ def _coherence(model, harmless_interventions, config: EvalConfig, progress: Prog
             except Exception as exc:  # lm-eval and datasets raise many types when the hub is out of reach
                 if Path(task).suffix in (".yaml", ".yml"):
                     raise
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 out[task] = {"unavailable": f"could not run {task}: {first}"}
                 break
     return out
@@ -317,7 +317,7 @@ def _hub_rows(repo: str, split: str, shuffle_seed: int | None = None, streaming_
         data = load_dataset(repo, split=split)
         return list(data.shuffle(seed=shuffle_seed) if shuffle_seed is not None else data)
     except Exception as exc:  # offline, gated or missing: the datasets library raises many types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise TlrefusalError(f"could not load {repo} from the Hugging Face hub ({first})") from exc
 
 
