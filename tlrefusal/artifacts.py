@@ -10,6 +10,7 @@ RUN/
   direction.safetensors        the chosen raw r (float64) with layer, position and model as metadata
   plots/selection.png          heatmaps of bypass / induce / KL over (position, layer)
 """
+import hashlib
 import json
 import os
 import tempfile
@@ -75,6 +76,20 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise TlrefusalError(f"cannot read {path}: {exc}") from exc
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (direction files, for provenance and reuse checks)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sampled_instructions(run_dir: Path) -> set[str]:
+    """Every instruction the run sampled (train and val, kept or filtered): evaluation holds them out."""
+    return {p["instruction"] for rows in read_json(run_dir / PROMPTS).values() for p in rows}
 
 
 def write_plot(path: Path, figure) -> Path:

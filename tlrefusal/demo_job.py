@@ -54,12 +54,12 @@ def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 3
 
 def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGRESS) -> dict:
     """Orthogonalize the model against the run's direction into RUN/orthogonalized (kept if it matches)."""
-    from tlrefusal.export import RECORD, file_sha256, orthogonalize_direction
+    from tlrefusal.export import RECORD, orthogonalize_direction
 
     out = run_dir / ORTHOGONALIZED
     if (out / RECORD).is_file():
         record = artifacts.read_json(out / RECORD)
-        if record["direction"]["sha256"] == file_sha256(run_dir / artifacts.DIRECTION):
+        if record["direction"]["sha256"] == artifacts.file_sha256(run_dir / artifacts.DIRECTION):
             return record
     return orthogonalize_direction(run_dir, out, str(model_dir), force=True, progress=progress).record
 
@@ -70,7 +70,7 @@ def intervention_refusal(run_dir: Path, folder: Path, result: ExtractResult, eva
 
     Activation addition follows the paper: -r on harmful prompts (a jailbreak), +r on harmless ones.
     """
-    used = {p["instruction"] for rows in artifacts.read_json(run_dir / artifacts.PROMPTS).values() for p in rows}
+    used = artifacts.sampled_instructions(run_dir)
     model = load_model(ModelSource(str(folder), "local", folder))
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     r, layer = result.direction.vector, result.direction.layer

@@ -12,7 +12,6 @@ the source's shapes and dtypes first and then writes one tensor at a time, so pe
 largest tensor (in float32, a few copies), not the model or a shard. The source is never modified; the
 output is assembled in a temporary folder beside `--out` and renamed into place only after verification.
 """
-import hashlib
 import json
 import math
 import shutil
@@ -251,7 +250,7 @@ def export_orthogonalized(
         record = {
             "tool_version": __version__,
             "source": source.to_json(),
-            "direction": {"file": str(direction_file.resolve()), "sha256": file_sha256(direction_file),
+            "direction": {"file": str(direction_file.resolve()), "sha256": artifacts.file_sha256(direction_file),
                           "layer": direction.layer, "position": direction.position, "model": direction.model,
                           "norm": direction.vector.norm().item()},
             "model_type": plan.model_type, "exact": plan.exact, "approximate": approximate,
@@ -384,14 +383,6 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
     return {"dtype": dtype_name, "n_prompts": len(VERIFY_PROMPTS), "n_tokens": n_tokens,
             "max_abs_logit_diff": max_diff, "tolerance": tolerance, "greedy_equal": greedy_equal,
             "passed": max_diff <= tolerance, "examples": examples}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_card(record: dict) -> str:

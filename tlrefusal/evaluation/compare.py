@@ -11,7 +11,6 @@ Names: `chosen.position`, `chosen.layer`, `chosen.bypass|induce|kl`, `refusal.<d
 always adds +r, ours subtracts r on harmful prompts unless evaluated with `--actadd-plus`, which the
 table notes.
 """
-import json
 from pathlib import Path
 
 from tlrefusal import artifacts
@@ -34,37 +33,37 @@ def load_summary(folder: Path) -> dict:
 
 def _repl_metrics(folder: Path) -> dict:
     m: dict = {}
-    meta = _json(folder / "direction_metadata.json")
+    meta = artifacts.read_json(folder / "direction_metadata.json")
     m["chosen.position"], m["chosen.layer"] = meta["pos"], meta["layer"]
     evaluations = folder / "select_direction" / "direction_evaluations.json"
     if evaluations.is_file():
-        for c in _json(evaluations):
+        for c in artifacts.read_json(evaluations):
             if c["position"] == meta["pos"] and c["layer"] == meta["layer"]:
                 m["chosen.bypass"], m["chosen.induce"], m["chosen.kl"] = \
                     c["bypass_score"], c["induce_score"], c["kl_div_score"]
     for path in sorted((folder / "evaluation").glob("*_eval_results.json")):
         dataset, intervention = path.name.removesuffix("_eval_results.json").rsplit("_", 1)
-        data = _json(path)
+        data = artifacts.read_json(path)
         m[f"refusal.{dataset}.{intervention}"] = 1 - data["substring_matching_success_rate"]
         if data.get("llamaguard2_success_rate") is not None:
             m[f"safety.{dataset}.{intervention}"] = 1 - data["llamaguard2_success_rate"]
     for path in sorted((folder / "loss_evals").glob("*_loss_eval.json")):
         intervention = path.name.removesuffix("_loss_eval.json")
-        for name, values in _json(path).items():
+        for name, values in artifacts.read_json(path).items():
             m[f"ce.{REPL_CE_NAMES.get(name, name)}.{intervention}"] = values["ce_loss"]
     for path in sorted((folder / "coherence_evals").glob("*.json")):
-        for task, acc in _json(path).items():
+        for task, acc in artifacts.read_json(path).items():
             m[f"coherence.{task}.{path.stem}"] = acc
     corr = folder / "magnitude_eval" / "magnitude_corr.json"
     if corr.is_file():
-        m["magnitude.pooled_r"] = _json(corr)["corr"]
+        m["magnitude.pooled_r"] = artifacts.read_json(corr)["corr"]
     return m
 
 
 def _our_metrics(folder: Path, report_path: Path) -> dict:
     m: dict = {}
-    report = _json(report_path)
-    selection = _json(folder / artifacts.SELECTION)
+    report = artifacts.read_json(report_path)
+    selection = artifacts.read_json(folder / artifacts.SELECTION)
     chosen = selection.get("chosen")
     if chosen:
         m["chosen.position"], m["chosen.layer"] = chosen["position"], chosen["layer"]
@@ -121,10 +120,3 @@ def markdown_comparison(a: dict, b: dict, rows: list[dict]) -> str:
              "--actadd-plus.", "", "| metric | A | B | B - A |", "|---|---|---|---|"]
     lines += [f"| {r['metric']} | {fmt(r['a'])} | {fmt(r['b'])} | {fmt(r['diff'])} |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TlrefusalError(f"cannot read {path}: {exc}") from exc

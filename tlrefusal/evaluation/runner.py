@@ -15,7 +15,6 @@ paper's convention; `actadd_sign="plus"` adds +r everywhere, like the NNsight re
 `model` set (for example a checkpoint from `tlrefusal orthogonalize`) that model is evaluated as it is,
 with no hooks, and its numbers sit where ablation's would.
 """
-import hashlib
 import json
 import random
 import re
@@ -115,7 +114,7 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
 
     out_dir = run_dir / EVAL_DIR
     identity = {"model": source.to_json()["loaded_from"], "hooked": hooked,
-                "direction_sha256": _sha256(run_dir / artifacts.DIRECTION), "max_new_tokens": config.max_new_tokens}
+                "direction_sha256": artifacts.file_sha256(run_dir / artifacts.DIRECTION), "max_new_tokens": config.max_new_tokens}
     guard = LlamaGuard(config.guard_model) if config.guard_model else None
     completions: dict = {}
     scores: dict = {}
@@ -164,7 +163,7 @@ def _plots(out_dir: Path, report: dict) -> None:
 def _eval_sets(run_dir: Path, run_config: dict, config: EvalConfig, cache_dir: Path | None
                ) -> dict[tuple[str, str], list[Prompt]]:
     """(label, dataset name) -> the sampled prompts; the run's pools exclude every prompt it sampled."""
-    used = {p["instruction"] for rows in artifacts.read_json(run_dir / artifacts.PROMPTS).values() for p in rows}
+    used = artifacts.sampled_instructions(run_dir)
     sets: dict[tuple[str, str], list[Prompt]] = {}
     for label in ("harmful", "harmless"):
         sources = getattr(config, label) or (run_config[label],)
@@ -345,10 +344,6 @@ def _slug(text: str) -> str:
     """A file-name-safe name: a file source's stem, or the text itself."""
     name = Path(text).stem if Path(text).suffix else text
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def markdown_report(report: dict) -> str:
