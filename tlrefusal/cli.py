@@ -363,7 +363,7 @@ def evaluate(
 
 def _compare_runs(run_dir: Path, other: Path) -> None:
     from tlrefusal import artifacts
-    from tlrefusal.evaluation.compare import compare, load_summary, markdown_comparison
+    from tlrefusal.evaluation.compare import compare, fmt, load_summary, markdown_comparison
 
     try:
         a, b = load_summary(run_dir), load_summary(other)
@@ -375,9 +375,6 @@ def _compare_runs(run_dir: Path, other: Path) -> None:
     table = Table(title=f"A: {run_dir} ({a['kind']})  vs  B: {other} ({b['kind']})")
     for col in ("metric", "A", "B", "B - A"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-
-    def fmt(v):
-        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
     for r in rows:
         table.add_row(r["metric"], fmt(r["a"]), fmt(r["b"]), fmt(r["diff"]))

@@ -1,16 +1,25 @@
-"""Heatmaps of the selection scores over (position, layer), as in the paper's Figure 9-style plots."""
+"""Figures: heatmaps of the selection scores over (position, layer), as in the paper's Figure 9-style
+plots, and the eval report's refusal bars and projection scatter."""
 import math
 
 from tlrefusal.selection import SelectionResult
 
 
-def selection_heatmaps(result: SelectionResult, eoi_tokens: list[str]):
-    """One figure with bypass, induce and KL heatmaps; the chosen candidate is circled."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (set here, not at import time: never open a window)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only; never open a window (set here, not at import time)
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def selection_heatmaps(result: SelectionResult, eoi_tokens: list[str]):
+    """One figure with bypass, induce and KL heatmaps; the chosen candidate is circled."""
     import numpy as np
+
+    plt = _pyplot()
 
     positions = sorted({c.position for c in result.candidates})
     layers = sorted({c.layer for c in result.candidates})
@@ -41,10 +50,7 @@ def selection_heatmaps(result: SelectionResult, eoi_tokens: list[str]):
 
 def refusal_bars(report: dict):
     """Refusal score per dataset (groups) and intervention (bars), from an eval report."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     datasets = list(report["refusal_and_safety"])
     interventions = list(dict.fromkeys(iv for e in report["refusal_and_safety"].values() for iv in e["interventions"]))
@@ -64,10 +70,7 @@ def refusal_bars(report: dict):
 
 def projection_scatter(magnitude: dict, layer: int):
     """Projection ratio vs baseline refusal log-odds, one colour per dataset (the magnitude study)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, s in magnitude["datasets"].items():

@@ -110,10 +110,12 @@ def _order(key: str) -> tuple:
     return (groups.index(key.split(".")[0]) if key.split(".")[0] in groups else len(groups), key)
 
 
-def markdown_comparison(a: dict, b: dict, rows: list[dict]) -> str:
-    def fmt(v):
-        return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+def fmt(value) -> str:
+    """A table cell: 4 significant digits for floats, blank for a metric one side lacks."""
+    return "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
 
+
+def markdown_comparison(a: dict, b: dict, rows: list[dict]) -> str:
     lines = ["# Comparison", "", f"- A: {a['kind']}, `{a['folder']}`", f"- B: {b['kind']}, `{b['folder']}`", "",
              "Refusal and safety scores are fractions (1 - the replication's success rates). The replication's "
              "actadd adds +r on every prompt set; ours subtracts r on harmful prompts unless evaluated with "
