@@ -7,12 +7,18 @@ Hugging Face model (the TransformerBridge wraps its model's modules in place). S
   (median of --repeats runs after a warm-up), and the candidate directions they give;
 - selection: bypass / induce / KL of every candidate the layer filter keeps, by tlrefusal (`score_candidates`,
   with its exact speed levers) and by NNsight running the paper's algorithm (3 full passes per candidate),
-  both scoring tlrefusal's candidate directions, so the scores compare one to one.
+  both scoring tlrefusal's candidate directions, so the scores compare one to one;
+- generation: greedy completions of held-out harmful and harmless prompts (the splits' test sets) under no
+  intervention, ablation of the chosen direction, and activation addition (-r on harmful, +r on harmless, at
+  the chosen layer), by all three sides; plain PyTorch with no intervention is `generate` without hooks.
 
 Fidelity: cosine and max |difference| of the candidate directions; max |difference| of every score; the
-(position, layer) the paper's filters choose. Speed: the ratios. Results: JSON under benchmarks/results/.
+(position, layer) the paper's filters choose; identical completions per intervention, and for each one that
+differs, how close to a tie the greedy choice was where they part. Cost: seconds, prompt passes and FLOPs
+(counted by torch's FlopCounterMode) per step. Results: JSON under benchmarks/results/.
 
-    python benchmarks/bench_nnsight.py                                     # demo model, paper sizes
+    python benchmarks/bench_nnsight.py                       # the refusing organism (built if absent), paper sizes
+    python benchmarks/bench_nnsight.py --model demo --prune 0.8 --out benchmarks/results/nnsight_demo.json
     python benchmarks/bench_nnsight.py --model PATH --n-train 16 --n-val 8 --prune 0.8 --out /tmp/b.json
 """
 import argparse
@@ -24,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ROOT.parent / "shared" / "data" / "datasets" / "splits"
@@ -40,9 +47,28 @@ def timed(fn, repeats: int) -> tuple[object, float, list[float]]:
     return result, statistics.median(times), times
 
 
+def counted(fn) -> tuple[object, int]:
+    """fn() and the floating-point operations it ran (matmuls, attention), by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops()
+
+
+def resolve(spec: str):
+    """The model to benchmark: "organism" is the refusing organism of the default recipe (built if absent)."""
+    from tlrefusal.model import resolve_source
+
+    if spec != "organism":
+        return resolve_source(spec)
+    from tlrefusal.organism import OrganismRecipe, build_organism
+
+    folder, _ = build_organism(OrganismRecipe())
+    return resolve_source(str(folder))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="organism", help='"organism" (default), "demo", or a model folder')
     parser.add_argument("--splits", type=Path, default=SPLITS)
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-val", type=int, default=32)
@@ -50,28 +76,31 @@ def main(argv: list[str] | None = None) -> dict:
                                                                   "fewer candidates scored, for quick runs)")
     parser.add_argument("--repeats", type=int, default=3, help="timed extraction runs after a warm-up")
     parser.add_argument("--skip-selection", action="store_true")
-    parser.add_argument("--gen-prompts", type=int, default=16, help="held-out prompts for the generation speed "
-                                                                    "check (0: skip)")
+    parser.add_argument("--gen-prompts", type=int, default=32, help="held-out prompts per label for the "
+                                                                    "generation check (0: skip)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (each is an extra run)")
     parser.add_argument("--gen-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nnsight_demo.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nnsight_organism.json")
     args = parser.parse_args(argv)
 
     from reference_steps import NNsightSteps, PlainSteps
     from transformers import AutoModelForCausalLM
 
     from tlrefusal import __version__
-    from tlrefusal.activations import candidate_directions, mean_activations
+    from tlrefusal.activations import candidate_directions, last_logits, mean_activations
     from tlrefusal.chat import ChatFormat, refusal_phrases_for
     from tlrefusal.data import load_prompts, sample_splits
-    from tlrefusal.model import load_model, resolve_source
+    from tlrefusal.demo_job import DEMO_KL_THRESHOLD
+    from tlrefusal.model import load_model
     from tlrefusal.selection import SelectionConfig, choose, score_candidates
 
-    source = resolve_source(args.model)
+    source = resolve(args.model)
     model = load_model(source)
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     refusal_ids = chat.refusal_token_ids(refusal_phrases_for(model.model_type))
     pools = {name: load_prompts(str(args.splits / f"{name}.json"))
-             for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")}
+             for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test",
+                          "harmless_test")}
     splits = sample_splits(pools["harmful_train"], pools["harmless_train"], args.n_train, args.n_val,
                            harmful_val=pools["harmful_val"], harmless_val=pools["harmless_val"])
     train = {label: [p.instruction for p in getattr(splits, f"{label}_train")] for label in ("harmful", "harmless")}
@@ -90,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
         candidates[name] = candidate_directions(harmful, harmless)
         extraction[name] = {"median_seconds": seconds, "runs": runs,
                             "prompt_passes": len(train["harmful"]) + len(train["harmless"])}
+        if not args.no_flops:
+            _, flops = counted(lambda fn=fn: (fn(train["harmful"]), fn(train["harmless"])))
+            extraction[name] |= {"gflops": flops / 1e9, "gflops_per_second": flops / 1e9 / seconds}
     ours = candidates["tlrefusal"]
     fidelity: dict = {"candidates": {}}
     for name in ("nnsight", "plain torch"):
@@ -119,9 +151,38 @@ def main(argv: list[str] | None = None) -> dict:
                   (("tlrefusal", our_scores), ("nnsight", nn_scores))}
         n_scored = sum(1 for s in our_scores if s.layer < first_pruned)
         n_h, n_l = len(val["harmful"]), len(val["harmless"])
+        seconds = {"tlrefusal": our_seconds, "nnsight": nn_seconds}
+        flops = None
+        if not args.no_flops:  # the base pass, then the layer-0 candidates: FLOPs per candidate do not vary by layer
+            one_layer = SelectionConfig(prune_layer_fraction=1.0 - 1.5 / model.n_layers)
+            n_pos = len(chat.positions)
+            counts = {
+                "tlrefusal": (counted(lambda: last_logits(model, chat, val["harmless"]))[1], counted(
+                    lambda: score_candidates(model, chat, ours, val["harmful"], val["harmless"], refusal_ids,
+                                             one_layer))[1]),
+                "nnsight": (counted(lambda: others[0].last_logits(val["harmless"]))[1], counted(
+                    lambda: others[0].score_candidates(ours, val["harmful"], val["harmless"], refusal_ids, 1))[1]),
+            }
+            flops = {}
+            for name, (base, first_layer) in counts.items():
+                per_candidate = (first_layer - base) / n_pos
+                total = base + n_scored * per_candidate
+                flops[name] = {"gflops_per_candidate": per_candidate / 1e9, "gflops": total / 1e9,
+                               "gflops_per_second": total / 1e9 / seconds[name]}
+        if chosen["tlrefusal"] is not None:
+            direction_source = "chosen by the paper's filters"
+            pick = chosen["tlrefusal"]
+        else:
+            relaxed = choose(our_scores, model.n_layers, SelectionConfig(prune_layer_fraction=args.prune,
+                                                                         kl_threshold=DEMO_KL_THRESHOLD)).chosen
+            direction_source = f"none survives the paper's filters; chosen with KL <= {DEMO_KL_THRESHOLD}"
+            pick = relaxed or min((s for s in our_scores if s.layer < first_pruned), key=lambda s: s.bypass_score)
+            if relaxed is None:
+                direction_source = "none survives any filter; the lowest bypass score"
+        direction = (chat.positions.index(pick.position), pick.layer, direction_source)
         selection = {
             "candidates_scored": n_scored,
-            "seconds": {"tlrefusal": our_seconds, "nnsight": nn_seconds},
+            "seconds": seconds, "flops": flops,
             "speedup_nnsight_over_tlrefusal": nn_seconds / our_seconds,
             # Prompt forward passes: a baseline harmless pass, then per candidate ablation over harmful and
             # harmless val and addition over harmless val (tlrefusal runs the two ablated sets as one pass, and
@@ -137,9 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
         }
         fidelity["scores"] = diffs
 
+    if selection is None:
+        direction = (len(chat.positions) - 1, model.n_layers // 2, "no selection run: last position, middle layer")
     generation = None
     if args.gen_prompts:
-        generation = generation_speed(model, chat, hf, ours, pools["harmless_val"], args.gen_prompts, args.gen_tokens)
+        i, layer, why = direction
+        prompts = {label: [p.instruction for p in pools[f"{label}_test"][:args.gen_prompts]]
+                   for label in ("harmful", "harmless")}
+        generation = generation_check(model, chat, others, ours[i, layer], layer, prompts, args.gen_tokens)
+        generation["direction"] = {"position": chat.positions[i], "layer": layer, "why": why}
 
     import nnsight
     import transformers
@@ -161,60 +228,140 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def generation_speed(model, chat, hf, candidates, pool, n_prompts: int, n_tokens: int) -> dict:
-    """Greedy tokens/s: tlrefusal under ablation hooks vs plain transformers `generate` with no hooks.
+INTERVENTIONS = ("baseline", "ablation", "actadd")
 
-    Every reply is forced to the full length (no stop token), so both sides generate the same token count.
-    """
-    from hooks import ablation_hooks
+
+def _setup(intervention: str, label: str, r: torch.Tensor, layer: int) -> dict:
+    """The intervention as (ablate, add, layer, coeff): actadd subtracts r on harmful prompts, adds it on harmless."""
+    if intervention == "ablation":
+        return {"ablate": r}
+    if intervention == "actadd":
+        return {"add": r, "layer": layer, "coeff": -1.0 if label == "harmful" else 1.0}
+    return {}
+
+
+def _tlrefusal_generate(model, chat, prompts, n_tokens, ablate=None, add=None, layer=0, coeff=1.0, batch_size=32):
+    """tlrefusal's side: the bridge's KV-cached generate under its hooks, forced to `n_tokens` new tokens."""
+    from hooks import ablation_hooks, addition_hooks
     from tlrefusal.activations import batches
 
-    prompts = [p.instruction for p in pool[-n_prompts:]]
-    r = candidates[-1, model.n_layers // 2]
-    hooks = ablation_hooks(r, model.n_layers)
-
-    def ours():
-        with model.bridge.hooks(fwd_hooks=hooks):
-            for batch in batches(prompts, 16):
-                ids, mask = chat.encode(batch)
-                model.bridge.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
-                                      stop_at_eos=False, return_type="tokens", verbose=False)
-
-    @torch.inference_mode()
-    def plain():
-        for batch in batches(prompts, 16):
+    hooks = (ablation_hooks(ablate, model.n_layers) if ablate is not None else []) + (
+        addition_hooks(add, layer, coeff) if add is not None else [])
+    out = []
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=hooks):
+        for batch in batches(prompts, batch_size):
             ids, mask = chat.encode(batch)
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                        do_sample=False, pad_token_id=chat.tokenizer.pad_token_id)
+            tokens = model.bridge.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
+                                           stop_at_eos=False, return_type="tokens", verbose=False)
+            out += tokens[:, ids.shape[1]:].tolist()
+    return out
 
-    _, ours_s, _ = timed(ours, 1)
-    _, plain_s, _ = timed(plain, 1)
-    tokens = len(prompts) * n_tokens
-    return {"prompts": len(prompts), "new_tokens_each": n_tokens,
-            "tokens_per_second": {"tlrefusal_ablation": tokens / ours_s, "plain_transformers": tokens / plain_s},
-            "ratio_tlrefusal_over_plain": plain_s / ours_s}
+
+def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens: int) -> dict:
+    """Greedy completions under each intervention by every side: speed, refusal, and identical completions.
+
+    Every side generates exactly `n_tokens` per prompt (no early stop), so tokens/s compare; replies are
+    cut at the first stop token (EOS or the template's end of turn) before they are compared or judged.
+    A completion that differs from tlrefusal's is explained by the logit gap between the two most likely
+    tokens where they part (plain PyTorch, same intervention): a near-tie is float rounding between
+    frameworks, a large gap would be a bug.
+    """
+    from tlrefusal.generation import until_stop
+    from tlrefusal.scoring import is_refusal
+
+    stops = list(chat.stop_ids) or [chat.tokenizer.eos_token_id]
+    plain = next(o for o in others if o.name == "plain torch")
+    sides = {"tlrefusal": lambda ps, **kw: _tlrefusal_generate(model, chat, ps, n_tokens, **kw)}
+    sides |= {o.name: (lambda ps, o=o, **kw: o.generate(ps, n_tokens, **kw)) for o in others}
+    for run in sides.values():  # warm-up
+        run(prompts["harmful"][:2], ablate=r)
+    report: dict = {"prompts_per_label": {k: len(v) for k, v in prompts.items()}, "new_tokens_each": n_tokens,
+                    "interventions": {}}
+    baseline: dict = {}
+    for intervention in INTERVENTIONS:
+        entry: dict = {"seconds": {}, "tokens_per_second": {}, "refusal": {}, "changed_from_baseline": {},
+                       "vs_tlrefusal": {}}
+        replies: dict = {name: {} for name in sides}
+        for name, run in sides.items():
+            started = time.perf_counter()
+            for label, batch in prompts.items():
+                replies[name][label] = [until_stop(t, stops) for t in run(batch, **_setup(intervention, label, r, layer))]
+            entry["seconds"][name] = time.perf_counter() - started
+            entry["tokens_per_second"][name] = sum(map(len, prompts.values())) * n_tokens / entry["seconds"][name]
+            entry["refusal"][name] = {
+                label: sum(is_refusal(chat.tokenizer.decode(t, skip_special_tokens=True)) for t in rows) / len(rows)
+                for label, rows in replies[name].items()}
+            if intervention == "baseline":
+                baseline[name] = replies[name]
+            entry["changed_from_baseline"][name] = sum(
+                a != b for label in prompts for a, b in zip(replies[name][label], baseline[name][label], strict=True))
+        for name in sides:
+            if name == "tlrefusal":
+                continue
+            differ, gaps = 0, []
+            for label, batch in prompts.items():
+                for prompt, ours, theirs in zip(batch, replies["tlrefusal"][label], replies[name][label], strict=True):
+                    if ours == theirs:
+                        continue
+                    differ += 1
+                    k = next((j for j, (a, b) in enumerate(zip(ours, theirs, strict=False))
+                              if a != b), min(len(ours), len(theirs)))
+                    gaps.append(plain.top2_gap(prompt, ours[:k], **_setup(intervention, label, r, layer)))
+            entry["vs_tlrefusal"][name] = {"identical": sum(map(len, prompts.values())) - differ, "differ": differ,
+                                           "top2_logit_gap_where_they_part": gaps}
+        report["interventions"][intervention] = entry
+    tps = {name: report["interventions"]["ablation"]["tokens_per_second"][name] for name in sides}
+    floor = report["interventions"]["baseline"]["tokens_per_second"]["plain torch"]  # generate, no hooks
+    report["ablation_tokens_per_second_over_plain_generate"] = {name: v / floor for name, v in tps.items()}
+    return report
+
+
+def _gflop(entry: dict | None) -> str:
+    return f", {entry['gflops']:.0f} GFLOP" if entry and "gflops" in entry else ""
 
 
 def print_table(report: dict) -> None:
+    """The fidelity and speed table, in Markdown."""
     e, r = report["extraction"], report["ratios"]
-    print(f"extraction (median s): tlrefusal {e['tlrefusal']['median_seconds']:.2f}, nnsight "
-          f"{e['nnsight']['median_seconds']:.2f}, plain torch {e['plain torch']['median_seconds']:.2f}; "
-          f"tlrefusal/nnsight {r['extraction_tlrefusal_over_nnsight']:.2f}, "
-          f"tlrefusal/plain {r['extraction_tlrefusal_over_plain']:.2f}")
-    for name, f in report["fidelity"]["candidates"].items():
-        print(f"candidates vs {name}: min cosine {f['min_cosine']:.6f} ({f['zero_candidates']} zero candidates "
-              f"skipped), max |diff| {f['max_abs_diff']:.3g}")
+    cand = report["fidelity"]["candidates"]
+    rows = [("mean activations, " f"{e['tlrefusal']['prompt_passes']} prompts",
+             *(f"{e[n]['median_seconds']:.1f} s{_gflop(e[n])}" for n in ("tlrefusal", "nnsight", "plain torch")),
+             f"{r['extraction_tlrefusal_over_nnsight']:.2f} of NNsight, {r['extraction_tlrefusal_over_plain']:.2f} "
+             "of plain",
+             "min cosine " + " / ".join(f"{cand[n]['min_cosine']:.6f}" for n in cand) + ", max diff "
+             + " / ".join(f"{cand[n]['max_abs_diff']:.1g}" for n in cand))]
     s = report["selection"]
     if s:
-        print(f"selection ({s['candidates_scored']} candidates): tlrefusal {s['seconds']['tlrefusal']:.1f}s, "
-              f"nnsight {s['seconds']['nnsight']:.1f}s, speedup {s['speedup_nnsight_over_tlrefusal']:.2f}x; "
-              f"max |score diff| " + ", ".join(f"{k} {v:.2g}" for k, v in s["max_abs_score_diff"].items())
-              + f"; chosen {s['chosen']} (same: {s['same_choice']})")
+        f = s["flops"] or {}
+        rows.append((f"candidate scoring, {s['candidates_scored']} candidates",
+                     f"{s['seconds']['tlrefusal']:.1f} s{_gflop(f.get('tlrefusal'))}",
+                     f"{s['seconds']['nnsight']:.1f} s{_gflop(f.get('nnsight'))}", "",
+                     f"{s['speedup_nnsight_over_tlrefusal']:.2f}x faster than NNsight",
+                     "max score diff " + ", ".join(f"{k.split('_')[0]} {v:.1g}" for k, v in s["max_abs_score_diff"].items())
+                     + f"; chosen {s['chosen']['tlrefusal']} / {s['chosen']['nnsight']} (same: {s['same_choice']})"))
     g = report.get("generation")
     if g:
-        print(f"generation ({g['prompts']} x {g['new_tokens_each']} tokens): tlrefusal under ablation "
-              f"{g['tokens_per_second']['tlrefusal_ablation']:.1f} tok/s, plain transformers without hooks "
-              f"{g['tokens_per_second']['plain_transformers']:.1f} tok/s, ratio {g['ratio_tlrefusal_over_plain']:.2f}")
+        n = sum(g["prompts_per_label"].values())
+        for name, entry in g["interventions"].items():
+            tps = entry["tokens_per_second"]
+            ref = entry["refusal"]
+            same = ", ".join(f"{v['identical']}/{n} identical to {k}" + (
+                f" (top-2 gaps where they part: {', '.join(f'{x:.2g}' for x in v['top2_logit_gap_where_they_part'])})"
+                if v["differ"] else "") for k, v in entry["vs_tlrefusal"].items())
+            rows.append((f"generation, {name}, {n} x {g['new_tokens_each']} tokens",
+                         *(f"{tps[k]:.0f} tok/s, refusal {ref[k]['harmful']:.0%} / {ref[k]['harmless']:.0%}"
+                           for k in ("tlrefusal", "nnsight", "plain torch")),
+                         "" if name != "ablation" else " / ".join(
+                             f"{v:.2f}" for v in g["ablation_tokens_per_second_over_plain_generate"].values())
+                         + " of plain generate (tlrefusal / NNsight / plain hooks)", same))
+    print("| step | tlrefusal | NNsight | plain PyTorch | ratio | fidelity |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    if g:
+        d = g["direction"]
+        print(f"generation direction: position {d['position']}, layer {d['layer']} ({d['why']}); refusal = harmful / "
+              "harmless")
 
 
 if __name__ == "__main__":

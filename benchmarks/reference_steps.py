@@ -12,8 +12,12 @@ see the same positions on every side.
   `.input`, the attention module's `.output` tuple and the MLP's `.output` inside `model.trace(...)`.
 - Plain PyTorch: `register_forward_pre_hook` / `register_forward_hook` on the decoder layers, attention
   and MLP modules (as ORIG does), and `output_hidden_states=True` for mean activations.
+
+Both also generate greedily under the same interventions (every step, every position), with Hugging Face
+`generate` underneath (NNsight: `model.generate` with the interventions in a loop over `tracer.iter`).
 """
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -61,6 +65,22 @@ class Implementation:
                     layer: int = 0, coeff: float = 1.0) -> torch.Tensor:
         raise NotImplementedError
 
+    @torch.inference_mode()
+    def generate(self, prompts, n_tokens: int, ablate: torch.Tensor | None = None, add: torch.Tensor | None = None,
+                 layer: int = 0, coeff: float = 1.0) -> list[list[int]]:
+        """Greedy new tokens per prompt, exactly `n_tokens` each (no early stop, so every side generates the
+        same count), under ablation of `ablate` at every layer and / or `coeff * add` at resid_pre(`layer`)."""
+        out: list[list[int]] = []
+        for batch in _batches(list(prompts), self.batch_size):
+            ids, mask = self.chat.encode(list(batch))
+            kwargs = {"attention_mask": mask, "max_new_tokens": n_tokens, "min_new_tokens": n_tokens,
+                      "do_sample": False, "pad_token_id": self.chat.tokenizer.pad_token_id}
+            out += self._generate(ids, kwargs, ablate, add, layer, coeff)[:, ids.shape[1]:].tolist()
+        return out
+
+    def _generate(self, ids, kwargs, ablate, add, layer, coeff) -> torch.Tensor:
+        raise NotImplementedError
+
     def score_candidates(self, directions: torch.Tensor, harmful_val: list[str], harmless_val: list[str],
                          refusal_ids: list[int], first_pruned_layer: int) -> list[CandidateScore]:
         """The paper's algorithm, candidate by candidate (3 passes each); NaN scores for pruned layers."""
@@ -103,18 +123,33 @@ class NNsightSteps(Implementation):
         for batch in _batches(list(prompts), self.batch_size):
             ids, mask, position_ids = _encode(self.chat, batch)
             with self.lm.trace(ids, attention_mask=mask, position_ids=position_ids):
-                if u is not None:
-                    for block in self.lm.model.layers:
-                        block.input = project_out(block.input, u)
-                        attn = block.self_attn.output
-                        block.self_attn.output = (project_out(attn[0], u), *attn[1:])
-                        block.mlp.output = project_out(block.mlp.output, u)
-                if add is not None:
-                    block = self.lm.model.layers[layer]
-                    block.input = add_scaled(block.input, add.float(), coeff)
+                self._intervene(u, add, layer, coeff)
                 logits = self.lm.lm_head.output[:, -1, :].save()
             out.append(logits.float())
         return torch.cat(out)
+
+    def _intervene(self, u, add, layer, coeff) -> None:
+        """Inside a trace: project `u` out of every residual write, and / or add `coeff * add` at `layer`."""
+        if u is not None:
+            for block in self.lm.model.layers:
+                block.input = project_out(block.input, u)
+                attn = block.self_attn.output
+                block.self_attn.output = (project_out(attn[0], u), *attn[1:])
+                block.mlp.output = project_out(block.mlp.output, u)
+        if add is not None:
+            block = self.lm.model.layers[layer]
+            block.input = add_scaled(block.input, add.float(), coeff)
+
+    def _generate(self, ids, kwargs, ablate, add, layer, coeff):
+        u = unit(ablate.double()).float() if ablate is not None else None
+        with self.lm.generate(ids, **kwargs) as tracer:
+            if u is not None or add is not None:
+                # One forward pass per new token (min_new_tokens = max_new_tokens). A bounded loop, not
+                # tracer.all(): statements after an open loop never run.
+                for _ in tracer.iter[:kwargs["max_new_tokens"]]:
+                    self._intervene(u, add, layer, coeff)
+            tokens = tracer.result.save()
+        return tokens
 
 
 class PlainSteps(Implementation):
@@ -126,8 +161,9 @@ class PlainSteps(Implementation):
         return torch.stack([hidden[layer][:, positions, :].double().sum(0) for layer in range(len(self.layers))],
                            dim=1)
 
-    @torch.inference_mode()
-    def last_logits(self, prompts, ablate=None, add=None, layer=0, coeff=1.0):
+    @contextmanager
+    def hooked(self, ablate=None, add=None, layer=0, coeff=1.0):
+        """PyTorch hooks on the HF modules: ablation at every layer and / or addition at resid_pre(layer)."""
         handles = []
         if ablate is not None:
             u = unit(ablate.double()).float()
@@ -145,12 +181,32 @@ class PlainSteps(Implementation):
                 (args, {**kwargs, "hidden_states": add_scaled(kwargs["hidden_states"], vector, coeff)}),
                 with_kwargs=True))
         try:
-            out = []
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.inference_mode()
+    def last_logits(self, prompts, ablate=None, add=None, layer=0, coeff=1.0):
+        out = []
+        with self.hooked(ablate, add, layer, coeff):
             for batch in _batches(list(prompts), self.batch_size):
                 ids, mask, position_ids = _encode(self.chat, batch)
                 logits = self.hf(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
                 out.append(logits[:, -1, :].float())
-            return torch.cat(out)
-        finally:
-            for h in handles:
-                h.remove()
+        return torch.cat(out)
+
+    def _generate(self, ids, kwargs, ablate, add, layer, coeff):
+        with self.hooked(ablate, add, layer, coeff):
+            return self.hf.generate(input_ids=ids, **kwargs)
+
+    @torch.inference_mode()
+    def top2_gap(self, prompt: str, tokens: list[int], ablate=None, add=None, layer=0, coeff=1.0) -> float:
+        """Logit gap between the two most likely next tokens after `prompt` + `tokens`, under the
+        intervention: how close to a tie the greedy choice there is."""
+        ids, mask = self.chat.encode([prompt])
+        ids = torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)
+        with self.hooked(ablate, add, layer, coeff):
+            logits = self.hf(input_ids=ids).logits[0, -1].double()
+        top = logits.topk(2).values
+        return (top[0] - top[1]).item()
