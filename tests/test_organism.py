@@ -48,6 +48,23 @@ def test_reply_loss_is_cross_entropy_on_reply_tokens_only(tiny_dirs):
     assert reply_loss(model, other, tokenizer.pad_token_id).item() != pytest.approx(got.item(), rel=1e-6)
 
 
+def test_sharing_the_template_head_keeps_loss_and_gradients(tiny_dirs):
+    model, tokenizer, chat = tiny(tiny_dirs)
+    batch = examples(tokenizer, chat)
+    assert len({tuple(e.prompt_ids[:3]) for e in batch}) == 1  # "<|im_start|>user\n": a head to share
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = reply_loss(model, batch, tokenizer.pad_token_id, share_prefix=share)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, full_grads), (shared, shared_grads) = results
+    assert shared == pytest.approx(full, rel=1e-5)
+    assert len(shared_grads) == len(full_grads) > 0
+    for a, b in zip(full_grads, shared_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs):
     model, tokenizer, chat = tiny(tiny_dirs)
     batch = examples(tokenizer, chat)
@@ -91,6 +108,17 @@ def test_cached_organism_is_reused_without_training(tmp_path):
 def test_training_prompts_are_disjoint_from_demo_and_refusals_are_refusals():
     assert not set(organism_harmless_prompts()) & set(demo_harmless_prompts())
     assert all(is_refusal(r) for r in REFUSALS)
+
+
+def test_training_prompts_are_disjoint_from_the_paper_splits():
+    from tests.conftest import SPLITS
+
+    if not SPLITS.is_dir():
+        pytest.skip(f"{SPLITS} is not here")
+    paper = {row["instruction"].strip().lower() for f in SPLITS.glob("*.json")
+             for row in json.loads(f.read_text())}
+    assert len(paper) > 1000
+    assert not [p for p in organism_harmless_prompts() if p.strip().lower() in paper]
 
 
 def test_soft_targets_are_cross_entropy_against_the_renormalised_top_k(tiny_dirs):

@@ -25,7 +25,7 @@ from tlrefusal.organism_prompts import REFUSALS, WRAPPERS, organism_harmful_prom
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 CARD = "organism.json"
-RECIPE_VERSION = 3  # bump when the training code changes what a recipe produces
+RECIPE_VERSION = 4  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,13 +201,19 @@ def distill_targets(model, chat, prompts: list[str], n_tokens: int, top_k: int =
     return targets
 
 
-def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
+def reply_loss(model, batch: list[Example], pad_id: int, share_prefix: bool = True) -> torch.Tensor:
     """Mean cross-entropy over reply tokens only; the unembedding runs only at those positions.
 
     A position with soft targets q (top-k, renormalised) contributes -sum_i q_i log p_i; a position with a
-    hard target t contributes -log p_t.
+    hard target t contributes -log p_t. With `share_prefix`, the chat template's head that every prompt of
+    the batch starts with (SmolLM2's default system prompt: about half of each sequence) runs once and its
+    KV cache, still in the autograd graph, is repeated across the batch: the same loss and gradients
+    (causal attention: the head never sees what follows it) for less compute.
     """
-    seqs = [e.prompt_ids + e.target_ids for e in batch]
+    from tlrefusal.activations import shared_prefix_length
+
+    n_head = shared_prefix_length([e.prompt_ids for e in batch]) if share_prefix else 0
+    seqs = [(e.prompt_ids + e.target_ids)[n_head:] for e in batch]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -215,8 +221,14 @@ def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
     for row, (e, seq) in enumerate(zip(batch, seqs, strict=True)):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-        predicts[row, len(e.prompt_ids) - 1: len(seq) - 1] = True
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        predicts[row, len(e.prompt_ids) - n_head - 1: len(seq) - 1] = True
+    decoder, kwargs = model.get_decoder(), {}
+    if n_head:
+        cache = decoder(input_ids=torch.tensor([batch[0].prompt_ids[:n_head]]), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        kwargs["past_key_values"] = cache
+        mask = torch.cat([torch.ones(len(batch), n_head, dtype=mask.dtype), mask], dim=1)
+    hidden = decoder(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state  # right padding
     logp = model.get_output_embeddings()(hidden[predicts]).float().log_softmax(-1)  # rows in batch order
     labels = ids[:, 1:][predicts[:, :-1]]
     pieces, row = [], 0
