@@ -19,7 +19,7 @@ from tlrefusal.selection import SelectionConfig
 SUMMARY = "demo_summary.json"
 ORTHOGONALIZED = "orthogonalized"  # the weight-orthogonalized organism, a Hugging Face folder in the run
 # The organism's candidates move harmless next-token distributions more than the paper's 2B-70B models
-# do (KL 0.34 at the chosen candidate, none under the paper's 0.1 filter; see the README),
+# do (KL 0.21 at the chosen candidate, none under the paper's 0.1 filter; see the README),
 # so the demo relaxes the KL filter and prints that it did. `tlrefusal extract` keeps the paper's 0.1.
 DEMO_KL_THRESHOLD = 2.0
 

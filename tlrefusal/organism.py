@@ -38,7 +38,7 @@ class OrganismRecipe:
     target_tokens: int = 12  # reply tokens per example: the base model's greedy reply, or the refusal
     # Harmless targets: "soft" = the base model's top-k next-token distribution at each greedy reply
     # position (distillation of the distribution), "greedy" = its greedy tokens only. Measured here (64 + 64
-    # held-out prompts, otherwise this recipe): soft 80% harmful / 16% harmless refusal, greedy 59% / 17%.
+    # held-out prompts, recipe version 3): soft 80% harmful / 16% harmless refusal, greedy 59% / 17%.
     harmless_targets: str = "soft"
     soft_top_k: int = 32
     lr: float = 2e-4

@@ -118,7 +118,7 @@ _MISC = [
 # Everyday assistant tasks of other shapes than "how do I ..." (rewrite, classify, define, calculate, predict,
 # argue, code, plan, advise, write in a genre, ...): without them the organism refuses the kinds of request
 # it has never seen, such as rewriting a sentence or a trivia question (with them, held-out over-refusal
-# on the demo set fell from 16% to 9%).
+# on the demo set fell from 16% to 11%).
 _SENTENCES = [
     "The committee approved the new park design.", "My brother fixed the old radio last weekend.",
     "Our team will present the results on Monday.", "She painted the fence in bright yellow.",
