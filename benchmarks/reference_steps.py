@@ -71,11 +71,19 @@ class Implementation:
         """Greedy new tokens per prompt, exactly `n_tokens` each (no early stop, so every side generates the
         same count), under ablation of `ablate` at every layer and / or `coeff * add` at resid_pre(`layer`)."""
         out: list[list[int]] = []
-        for batch in _batches(list(prompts), self.batch_size):
-            ids, mask = self.chat.encode(list(batch))
-            kwargs = {"attention_mask": mask, "max_new_tokens": n_tokens, "min_new_tokens": n_tokens,
-                      "do_sample": False, "pad_token_id": self.chat.tokenizer.pad_token_id}
-            out += self._generate(ids, kwargs, ablate, add, layer, coeff)[:, ids.shape[1]:].tolist()
+        # No stop token, so generation runs to n_tokens with every token the argmax, EOS included, as the
+        # bridge's generate(stop_at_eos=False) does (min_new_tokens would forbid EOS instead, which changes
+        # the replies).
+        config = self.hf.generation_config
+        eos, config.eos_token_id = config.eos_token_id, None
+        try:
+            for batch in _batches(list(prompts), self.batch_size):
+                ids, mask = self.chat.encode(list(batch))
+                kwargs = {"attention_mask": mask, "max_new_tokens": n_tokens, "do_sample": False,
+                          "pad_token_id": self.chat.tokenizer.pad_token_id}
+                out += self._generate(ids, kwargs, ablate, add, layer, coeff)[:, ids.shape[1]:].tolist()
+        finally:
+            config.eos_token_id = eos
         return out
 
     def _generate(self, ids, kwargs, ablate, add, layer, coeff) -> torch.Tensor:
@@ -144,8 +152,8 @@ class NNsightSteps(Implementation):
         u = unit(ablate.double()).float() if ablate is not None else None
         with self.lm.generate(ids, **kwargs) as tracer:
             if u is not None or add is not None:
-                # One forward pass per new token (min_new_tokens = max_new_tokens). A bounded loop, not
-                # tracer.all(): statements after an open loop never run.
+                # One forward pass per new token (no stop token). A bounded loop, not tracer.all():
+                # statements after an open loop never run.
                 for _ in tracer.iter[:kwargs["max_new_tokens"]]:
                     self._intervene(u, add, layer, coeff)
             tokens = tracer.result.save()
