@@ -23,6 +23,7 @@ differs, how close to a tie the greedy choice was where they part. Cost: seconds
 """
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -87,10 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from tlrefusal import __version__
-    from tlrefusal.activations import candidate_directions, last_logits, mean_activations
+    from tlrefusal.activations import candidate_directions, mean_activations
     from tlrefusal.chat import ChatFormat, refusal_phrases_for
     from tlrefusal.data import load_prompts, sample_splits
-    from tlrefusal.demo_job import DEMO_KL_THRESHOLD
     from tlrefusal.model import load_model
     from tlrefusal.selection import SelectionConfig, choose, score_candidates
 
@@ -146,40 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
         diffs = {key: max(abs(getattr(a, key) - getattr(b, key)) for a, b in zip(our_scores, nn_scores, strict=True)
                           if a.layer < first_pruned)
                  for key in ("bypass_score", "induce_score", "kl_score")}
-        paper = SelectionConfig(prune_layer_fraction=args.prune)
-        chosen = {name: choose(scores, model.n_layers, paper).chosen for name, scores in
+        chosen = {name: choose(scores, model.n_layers, config).chosen for name, scores in
                   (("tlrefusal", our_scores), ("nnsight", nn_scores))}
         n_scored = sum(1 for s in our_scores if s.layer < first_pruned)
         n_h, n_l = len(val["harmful"]), len(val["harmless"])
         seconds = {"tlrefusal": our_seconds, "nnsight": nn_seconds}
-        flops = None
-        if not args.no_flops:  # the base pass, then the layer-0 candidates: FLOPs per candidate do not vary by layer
-            one_layer = SelectionConfig(prune_layer_fraction=1.0 - 1.5 / model.n_layers)
-            n_pos = len(chat.positions)
-            counts = {
-                "tlrefusal": (counted(lambda: last_logits(model, chat, val["harmless"]))[1], counted(
-                    lambda: score_candidates(model, chat, ours, val["harmful"], val["harmless"], refusal_ids,
-                                             one_layer))[1]),
-                "nnsight": (counted(lambda: others[0].last_logits(val["harmless"]))[1], counted(
-                    lambda: others[0].score_candidates(ours, val["harmful"], val["harmless"], refusal_ids, 1))[1]),
-            }
-            flops = {}
-            for name, (base, first_layer) in counts.items():
-                per_candidate = (first_layer - base) / n_pos
-                total = base + n_scored * per_candidate
-                flops[name] = {"gflops_per_candidate": per_candidate / 1e9, "gflops": total / 1e9,
-                               "gflops_per_second": total / 1e9 / seconds[name]}
-        if chosen["tlrefusal"] is not None:
-            direction_source = "chosen by the paper's filters"
-            pick = chosen["tlrefusal"]
-        else:
-            relaxed = choose(our_scores, model.n_layers, SelectionConfig(prune_layer_fraction=args.prune,
-                                                                         kl_threshold=DEMO_KL_THRESHOLD)).chosen
-            direction_source = f"none survives the paper's filters; chosen with KL <= {DEMO_KL_THRESHOLD}"
-            pick = relaxed or min((s for s in our_scores if s.layer < first_pruned), key=lambda s: s.bypass_score)
-            if relaxed is None:
-                direction_source = "none survives any filter; the lowest bypass score"
-        direction = (chat.positions.index(pick.position), pick.layer, direction_source)
+        flops = None if args.no_flops else scoring_flops(model, chat, ours, val, refusal_ids, others[0], n_scored,
+                                                          seconds)
+        direction = generation_direction(chat, our_scores, chosen["tlrefusal"], model.n_layers, args.prune)
         selection = {
             "candidates_scored": n_scored,
             "seconds": seconds, "flops": flops,
@@ -226,6 +200,48 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     return report
+
+
+def scoring_flops(model, chat, ours, val: dict, refusal_ids, nnsight_side, n_scored: int, seconds: dict) -> dict:
+    """FLOPs of candidate scoring per side: a counted base pass, then a counted run scoring only the layer-0
+    candidates (FLOPs per candidate do not depend on the layer on either side); total = base + per candidate x
+    candidates scored."""
+    from tlrefusal.activations import last_logits
+    from tlrefusal.selection import SelectionConfig, score_candidates
+
+    one_layer = SelectionConfig(prune_layer_fraction=1.0 - 1.5 / model.n_layers)  # keeps layer 0 only
+    runs = {
+        "tlrefusal": (lambda: last_logits(model, chat, val["harmless"]),
+                      lambda: score_candidates(model, chat, ours, val["harmful"], val["harmless"], refusal_ids,
+                                               one_layer)),
+        "nnsight": (lambda: nnsight_side.last_logits(val["harmless"]),
+                    lambda: nnsight_side.score_candidates(ours, val["harmful"], val["harmless"], refusal_ids, 1)),
+    }
+    out = {}
+    for name, (base_run, first_layer_run) in runs.items():
+        base, first_layer = counted(base_run)[1], counted(first_layer_run)[1]
+        per_candidate = (first_layer - base) / len(chat.positions)
+        total = base + n_scored * per_candidate
+        out[name] = {"gflops_per_candidate": per_candidate / 1e9, "gflops": total / 1e9,
+                     "gflops_per_second": total / 1e9 / seconds[name]}
+    return out
+
+
+def generation_direction(chat, scores, chosen, n_layers: int, prune: float) -> tuple[int, int, str]:
+    """(position index, layer, why) of the direction to generate under: the paper's choice; else the one
+    chosen with the demo's relaxed KL filter; else the lowest bypass score among the scored candidates."""
+    from tlrefusal.demo_job import DEMO_KL_THRESHOLD
+    from tlrefusal.selection import SelectionConfig, choose
+
+    why = "chosen by the paper's filters"
+    if chosen is None:
+        relaxed = SelectionConfig(prune_layer_fraction=prune, kl_threshold=DEMO_KL_THRESHOLD)
+        chosen = choose(scores, n_layers, relaxed).chosen
+        why = f"none survives the paper's filters; chosen with KL <= {DEMO_KL_THRESHOLD}"
+    if chosen is None:
+        chosen = min((s for s in scores if not math.isnan(s.bypass_score)), key=lambda s: s.bypass_score)
+        why = "none survives any filter; the lowest bypass score"
+    return chat.positions.index(chosen.position), chosen.layer, why
 
 
 INTERVENTIONS = ("baseline", "ablation", "actadd")

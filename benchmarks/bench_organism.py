@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", type=Path, default=SPLITS, help="the paper's splits (their test sets are "
                                                                      "held out too)")
     parser.add_argument("--paper-n", type=int, default=64, help="paper test prompts per label")
+    parser.add_argument("--n-train", type=int, default=128, help="extract: train prompts per label")
+    parser.add_argument("--n-val", type=int, default=32, help="extract: validation prompts per label")
+    parser.add_argument("--no-filter", action="store_true", help="extract without the refusal filter (for a "
+                                                                  "model that does not refuse, as in the smoke test)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "organism.json")
     args = parser.parse_args(argv)
 
@@ -94,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         folder, card = build_organism(recipe, out=tmp / "organism", force=True)
         build = time.perf_counter() - started
         paper_test = paper_test_refusal(folder, args.splits, args.paper_n)
-        config = ExtractConfig(model=str(folder), selection=SelectionConfig(kl_threshold=DEMO_KL_THRESHOLD))
+        config = ExtractConfig(model=str(folder), n_train=args.n_train, n_val=args.n_val, filter=not args.no_filter,
+                               selection=SelectionConfig(kl_threshold=DEMO_KL_THRESHOLD))
         started = time.perf_counter()
         result = run_extract(config, tmp / "run")
         extract_seconds = time.perf_counter() - started

