@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             # Prompt forward passes: a baseline harmless pass, then per candidate ablation over harmful and
             # harmless val and addition over harmless val (tlrefusal runs the two ablated sets as one pass, and
             # runs the chat template's shared head once per hook set instead of once per prompt).
-            "prompt_passes": {"tlrefusal": n_l + n_scored * (n_h + 2 * n_l), "nnsight": n_l + n_scored * (n_h + 2 * n_l)},
+            "prompt_passes": dict.fromkeys(("tlrefusal", "nnsight"), n_l + n_scored * (n_h + 2 * n_l)),
             "forward_calls": {"tlrefusal": "batches of harmful+harmless val together, plus one head pass per hook set",
                               "nnsight": "one per batch per prompt set per candidate"},
             "max_abs_score_diff": diffs,
@@ -285,7 +285,7 @@ def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens
     from tlrefusal.generation import until_stop
     from tlrefusal.scoring import is_refusal
 
-    stops = list(chat.stop_ids) or [chat.tokenizer.eos_token_id]
+    stops = chat.stop_ids
     plain = next(o for o in others if o.name == "plain torch")
     sides = {"tlrefusal": lambda ps, **kw: _tlrefusal_generate(model, chat, ps, n_tokens, **kw)}
     sides |= {o.name: (lambda ps, o=o, **kw: o.generate(ps, n_tokens, **kw)) for o in others}
