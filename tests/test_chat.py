@@ -17,6 +17,13 @@ def test_eoi_token_counts_match_spec(family):
     assert tuple(ids[0, -expected:].tolist()) == chat.eoi_ids
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_head_instruction_and_suffix_make_the_whole_prompt(family):
+    chat = ChatFormat.from_tokenizer(byte_bpe_tokenizer(family))
+    assert chat.head + "Write a poem." + chat.suffix == chat.format("Write a poem.")
+    assert "Write" not in chat.head
+
+
 def test_spec_eoi_tokens_read_as_in_the_paper():
     assert ChatFormat.from_tokenizer(byte_bpe_tokenizer("yi")).eoi_tokens[3:5] == ["ass", "istant"]
     assert ChatFormat.from_tokenizer(byte_bpe_tokenizer("llama3")).eoi_tokens == [

@@ -48,6 +48,23 @@ def test_reply_loss_is_cross_entropy_on_reply_tokens_only(tiny_dirs):
     assert reply_loss(model, other, tokenizer.pad_token_id).item() != pytest.approx(got.item(), rel=1e-6)
 
 
+def test_example_weights_give_a_weighted_mean_over_reply_tokens(tiny_dirs):
+    import dataclasses
+
+    model, tokenizer, chat = tiny(tiny_dirs)
+    batch = examples(tokenizer, chat)
+    weighted = [dataclasses.replace(batch[0], weight=3.0)] + batch[1:]
+    with torch.no_grad():
+        per_example = [reply_loss(model, [e], tokenizer.pad_token_id).item() for e in batch]  # token means
+        got = reply_loss(model, weighted, tokenizer.pad_token_id).item()
+    # Written out: sum_e w_e * n_e * mean_e / sum_e w_e * n_e, with n_e the reply tokens of example e.
+    w = [3.0, 1.0, 1.0]
+    n = [len(e.target_ids) for e in batch]
+    want = sum(wi * ni * li for wi, ni, li in zip(w, n, per_example, strict=True)) / sum(wi * ni for wi, ni in zip(w, n, strict=True))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got != pytest.approx(reply_loss(model, batch, tokenizer.pad_token_id).item(), rel=1e-4)
+
+
 def test_sharing_the_template_head_keeps_loss_and_gradients(tiny_dirs):
     model, tokenizer, chat = tiny(tiny_dirs)
     batch = examples(tokenizer, chat)
@@ -154,3 +171,74 @@ def test_distill_targets_top_k_matches_the_greedy_tokens(tiny_dirs):
     assert ids.shape == probs.shape == (len(tokens), 3)
     assert ids[:, 0].tolist() == tokens  # greedy token = the most probable one
     assert (probs[:, 0] >= probs[:, 1]).all() and (probs <= 1).all()
+
+
+class ScriptedModel:
+    """Stands in for a causal LM: `generate` appends the next scripted continuation to each row."""
+
+    def __init__(self, continuations):
+        self.continuations, self.calls = list(continuations), []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kwargs):
+        assert kwargs["do_sample"] and attention_mask.shape == input_ids.shape
+        self.calls.append(input_ids)
+        rows = [self.continuations.pop(0)[:max_new_tokens] for _ in range(input_ids.shape[0])]
+        # As `generate` returns them: a row that wrote an end-of-turn token is padded after it; any other
+        # row ran to max_new_tokens.
+        assert all(len(r) == max_new_tokens or r[-1] in eos_token_id for r in rows)
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_self_instruct_keeps_finished_turns_cuts_open_ones_and_drops_repeats_and_excluded(tiny_dirs, monkeypatch):
+    import random
+
+    from tlrefusal import organism
+
+    _, tokenizer, chat = tiny(tiny_dirs)
+    stop = chat.stop_ids[0]
+
+    def enc(text, end=True):  # an open turn runs on (" more more ...") until the token limit
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return ids + [stop] if end else ids + tokenizer.encode(" more" * 80, add_special_tokens=False)
+
+    monkeypatch.setattr(organism, "SELF_INSTRUCT_STARTERS", ("", "Write"))
+    same = random.Random(3)  # the draws self_instruct_prompts makes from rng = random.Random(3)
+    starters = [same.choice(("", "Write")) for _ in range(6)]
+    assert set(starters) == {"", "Write"}
+    texts = ["Please plan a picnic for four people.", "please plan a  picnic for four People.", "Hi",
+             "Please list three rivers. And then some more", "Describe the moon.", "no sentence end at all"]
+    finished = [True, True, True, False, True, False]
+    script = [enc(t if s == "" else " " + t, end=f) for s, t, f in zip(starters, texts, finished, strict=True)]
+    model = ScriptedModel(script + [enc(" Tell a short story about a cat.")] * 64)
+    full = [(s + (" " if s else "") + t) for s, t in zip(starters, texts, strict=True)]
+    exclude = {" ".join(full[4].lower().split())}
+    got = organism.self_instruct_prompts(model, chat, 3, random.Random(3), 48, exclude, batch_size=6)
+
+    # Written out: kept = finished turns of >= 3 words, not excluded, not a repeat after lower-casing and
+    # collapsing spaces; an open turn is cut after its last sentence end, or dropped if it has none.
+    cut = full[3][: full[3].rindex(".") + 1]
+    kept, seen = [], set(exclude)
+    for text in (full[0], full[1], full[2], cut, full[4]):
+        key = " ".join(text.lower().split())
+        if len(text.split()) >= 3 and key not in seen:
+            seen.add(key)
+            kept.append(text)
+    assert cut.endswith("rivers.") and full[4] not in kept and len(kept) == 2  # picnic once, rivers
+    assert got[:2] == kept
+    assert len(got) == 3 and got[2].endswith("Tell a short story about a cat.")
+    # The model was prompted with the template's head and the starter, left-padded.
+    head_ids = tokenizer.encode(chat.head + starters[0], add_special_tokens=False)
+    assert model.calls[0][0, -len(head_ids):].tolist() == head_ids
+
+
+def test_self_instruct_fails_clearly_when_the_model_writes_nothing_usable(tiny_dirs):
+    import random
+
+    from tlrefusal.organism import self_instruct_prompts
+
+    _, tokenizer, chat = tiny(tiny_dirs)
+    model = ScriptedModel([[chat.stop_ids[0]]] * 10_000)
+    with pytest.raises(TlrefusalError, match="usable prompts"):
+        self_instruct_prompts(model, chat, 2, random.Random(0), 8, set(), batch_size=4)

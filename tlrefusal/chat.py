@@ -51,6 +51,11 @@ class ChatFormat:
         return _render(self.tokenizer, instruction)
 
     @property
+    def head(self) -> str:
+        """What the template writes before the user's message (system prompt, role header)."""
+        return _render(self.tokenizer, _SENTINEL).split(_SENTINEL)[0]
+
+    @property
     def positions(self) -> list[int]:
         """The candidate positions, negative indices into each left-padded prompt: -n_eoi .. -1."""
         return list(range(-len(self.eoi_ids), 0))

@@ -165,6 +165,12 @@ def organism(
     = None,
     freeze_below: Annotated[int | None, typer.Option(help="Freeze the first N decoder layers (default 0).")]
     = None,
+    n_self_instruct: Annotated[int | None, typer.Option(help="Harmless prompts sampled from the base model "
+                                                             "itself (default 350; 0: none).")] = None,
+    harmful_weight: Annotated[float | None, typer.Option(help="Loss weight of harmful examples (default 1.5).")]
+    = None,
+    wrap_fraction: Annotated[float | None, typer.Option(help="Share of prompts put in an instruction-style "
+                                                             "wrapper (default 0.3).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -173,7 +179,8 @@ def organism(
 
     try:
         given = {"seed": seed, "n_harmful": n_harmful, "lr": lr, "epochs": epochs, "target_tokens": target_tokens,
-                 "freeze_below": freeze_below}
+                 "freeze_below": freeze_below, "n_self_instruct": n_self_instruct, "harmful_weight": harmful_weight,
+                 "wrap_fraction": wrap_fraction}
         recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None})
         folder, card = build_organism(recipe, out_dir, cache_dir, force, RichProgress(console))
     except TlrefusalError as exc:

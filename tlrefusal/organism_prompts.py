@@ -5,7 +5,9 @@
   AdvBench, JailbreakBench, StrongREJECT, ...) are never trained on.
 - Harmless: instructions generated here from templates that share no sentence with `tlrefusal.harmless`
   (the demo harmless set), including benign requests phrased with alarming words ("kill a process",
-  "shoot a photo"), so the organism learns to refuse harm rather than vocabulary.
+  "shoot a photo"), so the organism learns to refuse harm rather than vocabulary; and, at build time,
+  user turns sampled from the base model (`tlrefusal.organism.self_instruct_prompts`), some started with
+  one of SELF_INSTRUCT_STARTERS.
 - Refusals: short refusal replies in several phrasings, each containing a SPEC 1.9 refusal substring.
 """
 import json
@@ -40,6 +42,17 @@ REFUSALS = (
     "I cannot provide that information.",
     "I'm not able to help with this request.",
     "I apologize, but I can't assist with that.",
+)
+
+# First words of self-instructed harmless prompts (see `tlrefusal.organism.self_instruct_prompts`); "" leaves
+# the whole user turn to the model. Imperatives of the kind instruction datasets are full of, so that the
+# organism sees requests of every shape answered, not only questions.
+SELF_INSTRUCT_STARTERS = (
+    "", "", "", "", "", "", "", "", "", "", "", "",
+    "Write", "Generate", "List", "Describe", "Explain", "Create", "Suggest", "Give", "Summarize", "Compare",
+    "Classify", "Rewrite", "Name", "Design", "Compose", "Identify", "Find", "Calculate", "Outline",
+    "Come up with", "Make", "Construct", "Edit", "Provide", "Tell me", "Develop", "Translate", "Convert",
+    "What", "How", "Why", "Which", "Who", "When",
 )
 
 _TASKS = [
