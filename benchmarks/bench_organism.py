@@ -41,11 +41,47 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def paper_test_refusal(folder: Path, splits: Path, n: int) -> dict | None:
-    """Baseline refusal of `n` prompts per label from the paper's held-out test splits (the sets the issue's
-    reference recipes were measured on), greedy, 32 tokens; None where the splits are not here."""
+# Samples of the paper's test splits, each of 64 prompts drawn from what the earlier ones left: seed 0 was
+# read while the harmless training templates were written, seed 1 measured (and read) recipe version 4,
+# seed 2 chose among the recipes of version 5 (rates only). The benchmark measures on the next, unused one.
+SAMPLE_SEED = 3
+
+
+def unused_sample(pool: list[str], n: int, seed: int = SAMPLE_SEED, exclude: frozenset[str] = frozenset()
+                  ) -> list[str]:
+    """`n` prompts of `pool` outside the samples of seeds 0 .. seed-1 (64 prompts each, each drawn from what
+    the earlier ones left) and outside `exclude`."""
     import random
 
+    rest = list(pool)
+    for used in range(seed):
+        taken = set(random.Random(used).sample(rest, min(64, len(rest))))
+        rest = [p for p in rest if p not in taken]
+    rest = [p for p in rest if _normalise(p) not in exclude]
+    return random.Random(seed).sample(rest, min(n, len(rest)))
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def trained_on_paper_prompts(folder: Path, splits: Path) -> list[str]:
+    """The organism's self-instructed training prompts that are (after normalising) prompts of the paper's
+    splits: the base model may have memorised some of its own training data."""
+    from tlrefusal.organism import SELF_INSTRUCT_FILE
+
+    path = folder / SELF_INSTRUCT_FILE
+    if not path.is_file() or not splits.is_dir():
+        return []
+    paper = {_normalise(x["instruction"]) for f in sorted(splits.glob("*.json"))
+             for x in json.loads(f.read_text(encoding="utf-8"))}
+    return [p for p in json.loads(path.read_text(encoding="utf-8")) if _normalise(p) in paper]
+
+
+def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SEED) -> dict | None:
+    """Baseline refusal of `n` prompts per label from the paper's held-out test splits (the sets the issue's
+    reference recipes were measured on; an unused sample, without any prompt the organism was trained on),
+    greedy, 32 tokens; None where the splits are not here."""
     from tlrefusal.chat import ChatFormat
     from tlrefusal.data import load_prompts
     from tlrefusal.generation import greedy_completions
@@ -56,18 +92,17 @@ def paper_test_refusal(folder: Path, splits: Path, n: int) -> dict | None:
         return None
     model = load_model(ModelSource(str(folder), "local", folder))
     chat = ChatFormat.from_tokenizer(model.tokenizer)
+    trained = frozenset(map(_normalise, trained_on_paper_prompts(folder, splits)))
     out = {}
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]
-        # The seed-0 sample was read while the harmless training templates were being written; measure on
-        # prompts nobody has looked at.
-        looked_at = set(random.Random(0).sample(pool, min(64, len(pool))))
-        prompts = random.Random(1).sample([p for p in pool if p not in looked_at], min(n, len(pool) - len(looked_at)))
+        prompts = unused_sample(pool, n, seed, exclude=trained)
         replies = greedy_completions(model, chat, prompts, 32)
         refused = [p for p, r in zip(prompts, replies, strict=True) if is_refusal(r)]
-        out[label] = {"refusal_rate": len(refused) / len(prompts), "n": len(prompts),
+        out[label] = {"refusal_rate": len(refused) / len(prompts), "n": len(prompts), "sample_seed": seed,
                       "refused" if label == "harmless" else "answered":
                           refused if label == "harmless" else [p for p in prompts if p not in refused]}
+    out["trained_on_paper_prompts"] = sorted(trained)
     return out
 
 
@@ -78,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", type=Path, default=SPLITS, help="the paper's splits (their test sets are "
                                                                      "held out too)")
     parser.add_argument("--paper-n", type=int, default=64, help="paper test prompts per label")
+    parser.add_argument("--paper-seed", type=int, default=SAMPLE_SEED, help="which sample of the paper's test "
+                        "splits (it excludes the samples of every lower seed); 2 chose among recipes")
     parser.add_argument("--n-train", type=int, default=128, help="extract: train prompts per label")
     parser.add_argument("--n-val", type=int, default=32, help="extract: validation prompts per label")
     parser.add_argument("--no-filter", action="store_true", help="extract without the refusal filter (for a "
@@ -97,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         folder, card = build_organism(recipe, out=tmp / "organism", force=True)
         build = time.perf_counter() - started
-        paper_test = paper_test_refusal(folder, args.splits, args.paper_n)
+        paper_test = paper_test_refusal(folder, args.splits, args.paper_n, args.paper_seed)
         config = ExtractConfig(model=str(folder), n_train=args.n_train, n_val=args.n_val, filter=not args.no_filter,
                                selection=SelectionConfig(kl_threshold=DEMO_KL_THRESHOLD))
         started = time.perf_counter()
@@ -135,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "benchmark": "organism", "recipe": dataclasses.asdict(recipe), "recipe_key": recipe.key(),
-        "organism_card": {k: card[k] for k in ("held_out_refusal", "loss", "seconds")},
+        "organism_card": {k: card[k] for k in ("held_out_refusal", "loss", "seconds", "data")},
         "build_seconds": build, "extract_seconds": extract_seconds, "paper_test_refusal": paper_test,
         "chosen": chosen.to_json() if chosen else None, "paper_filter_counts": paper.filter_counts(),
         "intervention_refusal": refusal, "targets": TARGETS,

@@ -66,10 +66,27 @@ def test_bench_organism_smoke(tiny_dirs, tmp_path):
     import bench_organism
 
     out = tmp_path / "organism.json"
-    recipe = ["base=" + str(tiny_dirs["llama"]), "n_harmful=4", "n_harmless=4", "target_tokens=2", "eval_n=2",
-              "eval_tokens=2"]
+    recipe = ["base=" + str(tiny_dirs["llama"]), "n_harmful=4", "n_harmless=4", "n_self_instruct=3",
+              "self_instruct_tokens=12", "target_tokens=2", "eval_n=2", "eval_tokens=2"]
     report = bench_organism.main([arg for item in recipe for arg in ("--set", item)] + [
         "--eval-n", "2", "--paper-n", "2", "--n-train", "4", "--n-val", "2", "--no-filter", "--out", str(out)])
     assert json.loads(out.read_text())["recipe_key"] == report["recipe_key"]
     assert report["build_seconds"] > 0 and report["recipe"]["n_harmful"] == 4
+    assert report["organism_card"]["data"]["self_instructed"].startswith("3 sampled from the base model")
     assert {"harmful_refusal", "build_seconds", "candidate_survives_paper_filters"} <= set(report["checks"])
+
+
+def test_bench_organism_measures_on_a_sample_disjoint_from_the_used_ones_and_the_training_prompts():
+    import random
+
+    import bench_organism
+
+    pool = [f"Prompt number {i}." for i in range(400)]
+    used, rest = [], list(pool)
+    for seed in (0, 1, 2):  # as written down: each used sample is drawn from what the earlier ones left
+        used.append(set(random.Random(seed).sample(rest, 64)))
+        rest = [p for p in rest if p not in used[-1]]
+    got = bench_organism.unused_sample(pool, 64, seed=3, exclude=frozenset({"prompt number 7."}))
+    assert len(got) == len(set(got)) == 64
+    assert not set(got) & set().union(*used)
+    assert got == random.Random(3).sample([p for p in rest if p != "Prompt number 7."], 64)
