@@ -145,7 +145,7 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     t = time.perf_counter()
     self_instructed: list[str] = []
     if recipe.n_self_instruct:
-        exclude = held_out_prompts(cache_dir) | set(harmful_pool) | set(harmless_pool)
+        exclude = held_out_prompts(cache_dir) | {_normalise(p) for p in harmful_pool + harmless_pool}
         with progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv:
             self_instructed = self_instruct_prompts(model, chat, recipe.n_self_instruct, rng,
                                                     recipe.self_instruct_tokens, exclude, advance=adv)
