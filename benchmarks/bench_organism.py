@@ -2,7 +2,8 @@
 
 Steps: build the organism with the default recipe (or overrides) into a fresh folder, timed; its baseline
 refusal of held-out prompts: the card's (demo sets) and 64 + 64 of the paper's test splits (the sets the
-issue's reference recipes were measured on); extract its refusal direction with the paper's sizes (128 + 128 train, 32 + 32 val) on the demo prompt sets; then
+issue's reference recipes were measured on); extract its refusal direction with the paper's sizes
+(128 + 128 train, 32 + 32 val) on the demo prompt sets; then
 the refusal of held-out prompts under ablation and activation addition. Selection scores every candidate
 outside the pruned layers whatever the thresholds, so one run gives both the paper's verdict (KL <= 0.1)
 and the demo's choice (KL <= 2.0).
@@ -57,25 +58,23 @@ def unused_sample(pool: list[str], n: int, seed: int = SAMPLE_SEED, exclude: fro
     for used in range(seed):
         taken = set(random.Random(used).sample(rest, min(64, len(rest))))
         rest = [p for p in rest if p not in taken]
-    rest = [p for p in rest if _normalise(p) not in exclude]
+    from tlrefusal.organism import normalise_prompt
+
+    rest = [p for p in rest if normalise_prompt(p) not in exclude]
     return random.Random(seed).sample(rest, min(n, len(rest)))
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def trained_on_paper_prompts(folder: Path, splits: Path) -> list[str]:
     """The organism's self-instructed training prompts that are (after normalising) prompts of the paper's
     splits: the base model may have memorised some of its own training data."""
-    from tlrefusal.organism import SELF_INSTRUCT_FILE
+    from tlrefusal.organism import SELF_INSTRUCT_FILE, normalise_prompt
 
     path = folder / SELF_INSTRUCT_FILE
     if not path.is_file() or not splits.is_dir():
         return []
-    paper = {_normalise(x["instruction"]) for f in sorted(splits.glob("*.json"))
+    paper = {normalise_prompt(x["instruction"]) for f in sorted(splits.glob("*.json"))
              for x in json.loads(f.read_text(encoding="utf-8"))}
-    return [p for p in json.loads(path.read_text(encoding="utf-8")) if _normalise(p) in paper]
+    return [p for p in json.loads(path.read_text(encoding="utf-8")) if normalise_prompt(p) in paper]
 
 
 def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SEED) -> dict | None:
@@ -86,13 +85,14 @@ def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SE
     from tlrefusal.data import load_prompts
     from tlrefusal.generation import greedy_completions
     from tlrefusal.model import ModelSource, load_model
+    from tlrefusal.organism import normalise_prompt
     from tlrefusal.scoring import is_refusal
 
     if not splits.is_dir():
         return None
     model = load_model(ModelSource(str(folder), "local", folder))
     chat = ChatFormat.from_tokenizer(model.tokenizer)
-    trained = frozenset(map(_normalise, trained_on_paper_prompts(folder, splits)))
+    trained = frozenset(map(normalise_prompt, trained_on_paper_prompts(folder, splits)))
     out = {}
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]

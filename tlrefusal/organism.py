@@ -145,7 +145,7 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     t = time.perf_counter()
     self_instructed: list[str] = []
     if recipe.n_self_instruct:
-        exclude = held_out_prompts(cache_dir) | {_normalise(p) for p in harmful_pool + harmless_pool}
+        exclude = held_out_prompts(cache_dir) | {normalise_prompt(p) for p in harmful_pool + harmless_pool}
         with progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv:
             self_instructed = self_instruct_prompts(model, chat, recipe.n_self_instruct, rng,
                                                     recipe.self_instruct_tokens, exclude, advance=adv)
@@ -200,14 +200,15 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
 
 
 def held_out_prompts(cache_dir: Path | None) -> set[str]:
-    """The demo prompt sets (never trained on), normalised as `_normalise` does."""
+    """The demo prompt sets (never trained on), as `normalise_prompt` writes them."""
     from tlrefusal.data import load_prompts
 
-    return {_normalise(p.instruction) for label in ("harmful", "harmless")
+    return {normalise_prompt(p.instruction) for label in ("harmful", "harmless")
             for p in load_prompts(f"demo-{label}", cache_dir)}
 
 
-def _normalise(text: str) -> str:
+def normalise_prompt(text: str) -> str:
+    """Lower case, runs of white space as one space: how prompts are compared for overlap."""
     return " ".join(text.lower().split())
 
 
@@ -224,12 +225,13 @@ def self_instruct_prompts(model, chat, n: int, rng: random.Random, max_tokens: i
     from tlrefusal.chat import left_pad
 
     tokenizer, stop = chat.tokenizer, list(chat.stop_ids)
-    n_head = len(tokenizer.encode(chat.head, add_special_tokens=False))
+    head = chat.head
+    n_head = len(tokenizer.encode(head, add_special_tokens=False))
     seen, prompts = set(exclude), []
     for _ in range(50 * (1 + n // batch_size)):  # bounded: a model that never writes usable messages fails
         if len(prompts) >= n:
             break
-        rows = [tokenizer.encode(chat.head + rng.choice(SELF_INSTRUCT_STARTERS), add_special_tokens=False)
+        rows = [tokenizer.encode(head + rng.choice(SELF_INSTRUCT_STARTERS), add_special_tokens=False)
                 for _ in range(batch_size)]
         ids, mask = left_pad(rows, tokenizer.pad_token_id)
         torch.manual_seed(rng.getrandbits(63))
@@ -243,9 +245,10 @@ def self_instruct_prompts(model, chat, n: int, rng: random.Random, max_tokens: i
             if end is None:  # still open at max_tokens
                 cut = max(text.rfind(c) for c in ".?!\n")
                 text = text[:cut + 1].strip() if cut > 0 else ""
-            if len(text.split()) < 3 or _normalise(text) in seen:
+            key = normalise_prompt(text)
+            if len(text.split()) < 3 or key in seen:
                 continue
-            seen.add(_normalise(text))
+            seen.add(key)
             prompts.append(text)
             if advance is not None:
                 advance(1)
