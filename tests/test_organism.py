@@ -82,7 +82,8 @@ def test_sharing_the_template_head_keeps_loss_and_gradients(tiny_dirs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs):
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float32"])
+def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs, compute_dtype):
     model, tokenizer, chat = tiny(tiny_dirs)
     batch = examples(tokenizer, chat)
     embed_before = model.get_input_embeddings().weight.detach().clone()
@@ -91,7 +92,7 @@ def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs):
     trained_before = [p.detach().clone() for p in layers[1].parameters()]
     with torch.no_grad():
         before = reply_loss(model, batch, tokenizer.pad_token_id).item()
-    recipe = OrganismRecipe(lr=3e-3, epochs=15, batch_size=3, freeze_below=1)
+    recipe = OrganismRecipe(lr=3e-3, epochs=15, batch_size=3, freeze_below=1, compute_dtype=compute_dtype)
     losses = train(model, batch, recipe, tokenizer.pad_token_id)
     with torch.no_grad():
         after = reply_loss(model, batch, tokenizer.pad_token_id).item()
@@ -100,6 +101,21 @@ def test_a_few_steps_lower_the_reply_loss_and_freeze_embeddings(tiny_dirs):
     assert torch.equal(model.get_input_embeddings().weight, embed_before)  # tied: the unembedding too
     assert all(torch.equal(a, b) for a, b in zip(layers[0].parameters(), frozen_before, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(layers[1].parameters(), trained_before, strict=True))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast leaves the weights float32
+
+
+def test_compute_dtype_sets_the_dtype_of_matrix_products_only(tiny_dirs):
+    model, tokenizer, chat = tiny(tiny_dirs)
+    layer = model.get_decoder().layers[0].mlp.down_proj
+    with OrganismRecipe(compute_dtype="bfloat16").compute():
+        assert layer(torch.randn(2, layer.in_features)).dtype == torch.bfloat16
+        bf16_loss = reply_loss(model, examples(tokenizer, chat), tokenizer.pad_token_id)
+    with OrganismRecipe(compute_dtype="float32").compute():
+        assert layer(torch.randn(2, layer.in_features)).dtype == torch.float32
+    fp32_loss = reply_loss(model, examples(tokenizer, chat), tokenizer.pad_token_id)
+    # The loss itself is computed in float32 (log-softmax of float logits), close to the float32 one.
+    assert bf16_loss.dtype == torch.float32
+    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=2e-2)
 
 
 def test_recipe_key_is_stable_and_sensitive():
@@ -111,6 +127,9 @@ def test_recipe_key_is_stable_and_sensitive():
     with pytest.raises(TlrefusalError, match="harmless_targets"):
         OrganismRecipe(harmless_targets="logits")
     assert OrganismRecipe(harmless_targets="greedy").key() != OrganismRecipe().key()
+    assert OrganismRecipe(compute_dtype="float32").key() != OrganismRecipe().key()
+    with pytest.raises(TlrefusalError, match="compute_dtype must be one of bfloat16, float32"):
+        OrganismRecipe(compute_dtype="float16")
 
 
 def test_cached_organism_is_reused_without_training(tmp_path):

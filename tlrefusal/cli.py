@@ -171,6 +171,8 @@ def organism(
     = None,
     wrap_fraction: Annotated[float | None, typer.Option(help="Share of prompts put in an instruction-style "
                                                              "wrapper (default 0.3).")] = None,
+    compute_dtype: Annotated[str | None, typer.Option(help="Autocast dtype of the build's matrix products: "
+                                                          "bfloat16 (default) or float32.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -180,7 +182,7 @@ def organism(
     try:
         given = {"seed": seed, "n_harmful": n_harmful, "lr": lr, "epochs": epochs, "target_tokens": target_tokens,
                  "freeze_below": freeze_below, "n_self_instruct": n_self_instruct, "harmful_weight": harmful_weight,
-                 "wrap_fraction": wrap_fraction}
+                 "wrap_fraction": wrap_fraction, "compute_dtype": compute_dtype}
         recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None})
         folder, card = build_organism(recipe, out_dir, cache_dir, force, RichProgress(console))
     except TlrefusalError as exc:

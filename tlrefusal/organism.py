@@ -35,7 +35,8 @@ from tlrefusal.progress import NO_PROGRESS, Progress
 
 CARD = "organism.json"
 SELF_INSTRUCT_FILE = "self_instruct_prompts.json"
-RECIPE_VERSION = 5  # bump when the training code changes what a recipe produces
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+RECIPE_VERSION = 6  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +64,11 @@ class OrganismRecipe:
     # Decoder layers below this index are frozen (0: none): the refusal decision must then be written by
     # the later layers, and their backward pass is skipped.
     freeze_below: int = 0
+    # Matrix products of the build (sampling, distillation, training) under CPU autocast in this dtype;
+    # weights and optimizer state stay float32, and the card's refusal rates are measured in float32, as
+    # users load the organism. Measured here (AVX512-BF16 cores): a training step 2.5x and generation
+    # 2.6x faster in bfloat16 than in float32.
+    compute_dtype: str = "bfloat16"
     eval_n: int = 64  # held-out prompts per label for the refusal rates in the card
     eval_tokens: int = 32
 
@@ -81,8 +87,16 @@ class OrganismRecipe:
             raise TlrefusalError(f"lr must be positive, got {self.lr}")
         if self.harmless_targets not in ("soft", "greedy"):
             raise TlrefusalError(f"harmless_targets must be 'soft' or 'greedy', got {self.harmless_targets!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise TlrefusalError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                                 f"got {self.compute_dtype!r}")
         if not 0.0 <= self.wrap_fraction <= 1.0:
             raise TlrefusalError(f"wrap_fraction must be in [0, 1], got {self.wrap_fraction}")
+
+    def compute(self):
+        """The autocast context the build's forward and backward passes run in."""
+        dtype = COMPUTE_DTYPES[self.compute_dtype]
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def key(self) -> str:
         payload = json.dumps({"recipe": asdict(self), "version": RECIPE_VERSION}, sort_keys=True)
@@ -146,7 +160,8 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     self_instructed: list[str] = []
     if recipe.n_self_instruct:
         exclude = held_out_prompts(cache_dir) | {normalise_prompt(p) for p in harmful_pool + harmless_pool}
-        with progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv:
+        with (progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv,
+              recipe.compute()):
             self_instructed = self_instruct_prompts(model, chat, recipe.n_self_instruct, rng,
                                                     recipe.self_instruct_tokens, exclude, advance=adv)
         harmless += self_instructed
@@ -156,7 +171,8 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     examples = [Example(_prompt_ids(chat, p), _refusal_ids(tokenizer, rng.choice(REFUSALS), recipe.target_tokens),
                         weight=recipe.harmful_weight) for p in harmful]
     top_k = recipe.soft_top_k if recipe.harmless_targets == "soft" else 0
-    with progress.task("Distilling the base model's own replies to harmless prompts", total=len(harmless)) as adv:
+    with (progress.task("Distilling the base model's own replies to harmless prompts", total=len(harmless)) as adv,
+          recipe.compute()):
         replies = distill_targets(model, chat, harmless, recipe.target_tokens, top_k=top_k, advance=adv)
     examples += [Example(_prompt_ids(chat, p), *r) for p, r in zip(harmless, replies, strict=True)]
     seconds["targets"] = time.perf_counter() - t
@@ -284,7 +300,7 @@ def distill_targets(model, chat, prompts: list[str], n_tokens: int, top_k: int =
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
                              pad_token_id=chat.tokenizer.pad_token_id, output_scores=top_k > 0,
                              return_dict_in_generate=True)
-        top = torch.stack(out.scores, dim=1).softmax(-1).topk(top_k, dim=-1) if top_k > 0 else None
+        top = torch.stack(out.scores, dim=1).float().softmax(-1).topk(top_k, dim=-1) if top_k > 0 else None
         for row, tokens in enumerate(out.sequences[:, ids.shape[1]:].tolist()):
             n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
             if top is None:
@@ -364,7 +380,8 @@ def train(model, examples: list[Example], recipe: OrganismRecipe, pad_id: int, p
             order = examples[:]
             rng.shuffle(order)
             for start in range(0, len(order), recipe.batch_size):
-                loss = reply_loss(model, order[start:start + recipe.batch_size], pad_id)
+                with recipe.compute():
+                    loss = reply_loss(model, order[start:start + recipe.batch_size], pad_id)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
