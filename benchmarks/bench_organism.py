@@ -106,6 +106,30 @@ def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SE
     return out
 
 
+def base_model_kl(run_dir: Path, position: int, organism: Path, base: str) -> dict:
+    """Mean KL (SPEC 1.6, the selection's kl_score) on the run's kept harmless validation prompts when the
+    candidate direction of `position` at each layer is ablated, in the organism and in the base model it
+    was tuned from: how much of the organism's KL the untuned model already shows, layer by layer."""
+    from hooks import ablation_hooks
+    from tlrefusal import artifacts
+    from tlrefusal.activations import last_logits
+    from tlrefusal.chat import ChatFormat
+    from tlrefusal.model import ModelSource, load_model, resolve_source
+    from tlrefusal.scoring import kl_divergence
+
+    prompts = [r["instruction"] for r in artifacts.read_json(run_dir / artifacts.PROMPTS)["harmless_val"] if r["kept"]]
+    candidates = artifacts.read_tensors(run_dir / artifacts.CANDIDATES)["candidates"]  # [position, layer, d]
+    out: dict = {"n": len(prompts), "position": position}
+    for name, source in (("organism", ModelSource(str(organism), "local", organism)),
+                         ("base", resolve_source(base))):
+        model = load_model(source)
+        chat = ChatFormat.from_tokenizer(model.tokenizer)
+        clean = last_logits(model, chat, prompts)
+        out[name] = [kl_divergence(clean, last_logits(model, chat, prompts, ablation_hooks(r, model.n_layers)))
+                     .mean().item() for r in candidates[chat.positions.index(position)]]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="recipe override")
@@ -143,6 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
         refusal = None
         if result.direction is not None:
             refusal = intervention_refusal(tmp / "run", folder, result, args.eval_n, 32, None, NO_PROGRESS)
+        # At the chosen direction's position (or the last one, where the paper's choices mostly are).
+        position = result.direction.position if result.direction is not None else -1
+        kl_by_layer = base_model_kl(tmp / "run", position, folder, recipe.base)
+        kl_by_layer["selection"] = [c.to_json()["kl_score"]  # None: a pruned layer, not scored
+                                    for c in sorted(result.selection.candidates, key=lambda c: c.layer)
+                                    if c.position == position]
 
     n_layers = 1 + max(c.layer for c in result.selection.candidates)
     paper = choose(list(result.selection.candidates), n_layers, SelectionConfig())  # the paper's filters
@@ -175,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         "organism_card": {k: card[k] for k in ("held_out_refusal", "loss", "seconds", "data")},
         "build_seconds": build, "extract_seconds": extract_seconds, "paper_test_refusal": paper_test,
         "chosen": chosen.to_json() if chosen else None, "paper_filter_counts": paper.filter_counts(),
-        "intervention_refusal": refusal, "targets": TARGETS,
+        "intervention_refusal": refusal, "kl_by_layer_at_chosen_position": kl_by_layer, "targets": TARGETS,
         "checks": {k: {"value": v, "met": bool(ok)} for k, (v, ok) in checks.items()},
         "versions": {"tlrefusal": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},

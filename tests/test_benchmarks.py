@@ -74,6 +74,17 @@ def test_bench_organism_smoke(tiny_dirs, tmp_path):
     assert report["build_seconds"] > 0 and report["recipe"]["n_harmful"] == 4
     assert report["organism_card"]["data"]["self_instructed"].startswith("3 sampled from the base model")
     assert {"harmful_refusal", "build_seconds", "candidate_survives_paper_filters"} <= set(report["checks"])
+    # The organism's KL per layer, measured again outside selection on the same prompts, is the selection's
+    # kl_score of each candidate at that position; the base model gets the same measurement.
+    kl = report["kl_by_layer_at_chosen_position"]
+    assert kl["position"] == (report["chosen"]["position"] if report["chosen"] else -1) and kl["n"] == 2
+    n_layers = json.loads((tiny_dirs["llama"] / "config.json").read_text())["num_hidden_layers"]
+    assert len(kl["selection"]) == len(kl["organism"]) == len(kl["base"]) == n_layers
+    scored = [layer for layer, v in enumerate(kl["selection"]) if v is not None]  # the pruned layers are not
+    assert scored
+    assert [kl["organism"][i] for i in scored] == pytest.approx([kl["selection"][i] for i in scored], rel=1e-4,
+                                                                 abs=1e-7)
+    assert min(kl["base"]) >= 0
 
 
 def test_bench_organism_measures_on_a_sample_disjoint_from_the_used_ones_and_the_training_prompts():

@@ -160,7 +160,7 @@ def organism(
     n_harmful: Annotated[int | None, typer.Option(help="Harmful training prompts (DoNotAnswer; default: all "
                                                        "419).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-4).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the training set (default 1).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training set (default 2).")] = None,
     target_tokens: Annotated[int | None, typer.Option(help="Reply tokens trained per example (default 12).")]
     = None,
     freeze_below: Annotated[int | None, typer.Option(help="Freeze the first N decoder layers (default 0).")]

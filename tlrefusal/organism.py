@@ -57,7 +57,7 @@ class OrganismRecipe:
     harmless_targets: str = "soft"
     soft_top_k: int = 32
     lr: float = 2e-4
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 16
     harmful_weight: float = 1.5  # loss weight of a harmful example's reply tokens (harmless: 1)
     freeze_embeddings: bool = True  # tied embeddings: freezing keeps the unembedding too
