@@ -77,7 +77,8 @@ def trained_on_paper_prompts(folder: Path, splits: Path) -> list[str]:
     return [p for p in json.loads(path.read_text(encoding="utf-8")) if normalise_prompt(p) in paper]
 
 
-def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SEED) -> dict | None:
+def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SEED, n_harmless: int | None = None
+                       ) -> dict | None:
     """Baseline refusal of `n` prompts per label from the paper's held-out test splits (the sets the issue's
     reference recipes were measured on; an unused sample, without any prompt the organism was trained on),
     greedy, 32 tokens; None where the splits are not here."""
@@ -96,7 +97,8 @@ def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SE
     out = {}
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]
-        prompts = unused_sample(pool, n, seed, exclude=trained)
+        size = n_harmless if label == "harmless" and n_harmless is not None else n
+        prompts = unused_sample(pool, size, seed, exclude=trained)
         replies = greedy_completions(model, chat, prompts, 32)
         refused = [p for p, r in zip(prompts, replies, strict=True) if is_refusal(r)]
         out[label] = {"refusal_rate": len(refused) / len(prompts), "n": len(prompts), "sample_seed": seed,
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", type=Path, default=SPLITS, help="the paper's splits (their test sets are "
                                                                      "held out too)")
     parser.add_argument("--paper-n", type=int, default=64, help="paper test prompts per label")
+    parser.add_argument("--paper-n-harmless", type=int, default=None, help="paper harmless test prompts, if not "
+                        "--paper-n (over-refusal needs more: 256 at --paper-seed 4 ranked recipes 64 could not)")
     parser.add_argument("--paper-seed", type=int, default=SAMPLE_SEED, help="which sample of the paper's test "
                         "splits (it excludes the samples of every lower seed); 2 chose among recipes")
     parser.add_argument("--n-train", type=int, default=128, help="extract: train prompts per label")
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         folder, card = build_organism(recipe, out=tmp / "organism", force=True)
         build = time.perf_counter() - started
-        paper_test = paper_test_refusal(folder, args.splits, args.paper_n, args.paper_seed)
+        paper_test = paper_test_refusal(folder, args.splits, args.paper_n, args.paper_seed,
+                                        args.paper_n_harmless)
         config = ExtractConfig(model=str(folder), n_train=args.n_train, n_val=args.n_val, filter=not args.no_filter,
                                selection=SelectionConfig(kl_threshold=DEMO_KL_THRESHOLD))
         started = time.perf_counter()

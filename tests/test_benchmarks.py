@@ -69,11 +69,17 @@ def test_bench_organism_smoke(tiny_dirs, tmp_path):
     recipe = ["base=" + str(tiny_dirs["llama"]), "n_harmful=4", "n_harmless=4", "n_self_instruct=3",
               "self_instruct_tokens=12", "target_tokens=2", "eval_n=2", "eval_tokens=2"]
     report = bench_organism.main([arg for item in recipe for arg in ("--set", item)] + [
-        "--eval-n", "2", "--paper-n", "2", "--n-train", "4", "--n-val", "2", "--no-filter", "--out", str(out)])
+        "--eval-n", "2", "--paper-n", "2", "--paper-n-harmless", "3", "--n-train", "4", "--n-val", "2", "--no-filter",
+        "--out", str(out)])
     assert json.loads(out.read_text())["recipe_key"] == report["recipe_key"]
     assert report["build_seconds"] > 0 and report["recipe"]["n_harmful"] == 4
     assert report["organism_card"]["data"]["self_instructed"].startswith("3 sampled from the base model")
     assert {"harmful_refusal", "build_seconds", "candidate_survives_paper_filters"} <= set(report["checks"])
+    from tests.conftest import SPLITS
+
+    if SPLITS.is_dir():  # the paper's test splits: 2 harmful prompts, and the 3 harmless ones asked for
+        paper = report["paper_test_refusal"]
+        assert (paper["harmful"]["n"], paper["harmless"]["n"]) == (2, 3)
     # The organism's KL per layer, measured again outside selection on the same prompts, is the selection's
     # kl_score of each candidate at that position; the base model gets the same measurement.
     kl = report["kl_by_layer_at_chosen_position"]
