@@ -4,12 +4,14 @@ Steps: build the organism with the default recipe (or overrides) into a fresh fo
 refusal of held-out prompts: the card's (demo sets) and 64 + 64 of the paper's test splits (the sets the
 issue's reference recipes were measured on); extract its refusal direction with the paper's sizes
 (128 + 128 train, 32 + 32 val) on the demo prompt sets; then
-the refusal of held-out prompts under ablation and activation addition. Selection scores every candidate
-outside the pruned layers whatever the thresholds, so one run gives both the paper's verdict (KL <= 0.1)
-and the demo's choice (KL <= 2.0).
+the refusal of held-out prompts under ablation and activation addition; and the KL of ablating each
+layer's candidate at the chosen position, in the organism and in the untuned base model. Selection scores
+every candidate outside the pruned layers whatever the thresholds, so one run gives both the paper's
+verdict (KL <= 0.1) and the demo's choice (KL <= 2.0).
 
     python benchmarks/bench_organism.py
-    python benchmarks/bench_organism.py --set epochs=2 --set lr=1e-4 --out benchmarks/results/organism_e2.json
+    python benchmarks/bench_organism.py --set epochs=1 --set lr=3e-4 --out benchmarks/results/organism_e1.json
+    python benchmarks/bench_organism.py --paper-seed 4 --paper-n 128 --paper-n-harmless 256
 """
 import argparse
 import dataclasses
