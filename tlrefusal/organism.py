@@ -94,7 +94,8 @@ class OrganismRecipe:
             raise TlrefusalError(f"wrap_fraction must be in [0, 1], got {self.wrap_fraction}")
 
     def compute(self):
-        """The autocast context the build's forward and backward passes run in."""
+        """The autocast context the build's forward passes run in (autograd runs each op's backward in the
+        dtype its forward ran in)."""
         dtype = COMPUTE_DTYPES[self.compute_dtype]
         return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
