@@ -180,6 +180,8 @@ def test_organism_command_reuses_a_cached_build_and_rejects_bad_flags(tmp_path):
     assert code == 1 and "another recipe" in output  # a different recipe, so a different key
     code, output = run(["organism", "--out", str(tmp_path / "new"), "--n-self-instruct", "-1"])
     assert code == 1 and "n_self_instruct must be >= 0" in output
+    code, output = run(["organism", "--out", str(tmp_path / "new"), "--n-harmful-templated", "100000"])
+    assert code == 1 and "n_harmful_templated 100000 exceeds the" in output
     code, output = run(["organism", "--out", str(tmp_path / "new"), "--harmful-weight", "0"])
     assert code == 1 and "harmful_weight must be positive" in output
     code, output = run(["organism", "--out", str(tmp_path / "new"), "--compute-dtype", "float16"])

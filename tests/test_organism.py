@@ -1,5 +1,6 @@
 """The organism's training loop on a tiny model, its cache key, and its prompt sets."""
 import json
+from itertools import product
 
 import pytest
 import torch
@@ -9,7 +10,16 @@ from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.harmless import demo_harmless_prompts
 from tlrefusal.organism import CARD, Example, OrganismRecipe, build_organism, reply_loss, train
-from tlrefusal.organism_prompts import REFUSALS, organism_harmless_prompts
+from tlrefusal.organism_prompts import (
+    _ARGUE_TASKS,
+    _HARMFUL_CLAIMS,
+    _HARMFUL_LISTS,
+    _HARMFUL_TASKS,
+    _TASK_TEMPLATES,
+    REFUSALS,
+    organism_harmful_templated,
+    organism_harmless_prompts,
+)
 from tlrefusal.scoring import is_refusal
 
 
@@ -130,6 +140,9 @@ def test_recipe_key_is_stable_and_sensitive():
     assert OrganismRecipe(compute_dtype="float32").key() != OrganismRecipe().key()
     with pytest.raises(TlrefusalError, match="compute_dtype must be one of bfloat16, float32"):
         OrganismRecipe(compute_dtype="float16")
+    assert OrganismRecipe(n_harmful_templated=0).key() != OrganismRecipe().key()
+    with pytest.raises(TlrefusalError, match="n_harmful_templated must be >= 0"):
+        OrganismRecipe(n_harmful_templated=-1)
 
 
 def test_cached_organism_is_reused_without_training(tmp_path):
@@ -154,7 +167,28 @@ def test_training_prompts_are_disjoint_from_the_paper_splits():
     paper = {row["instruction"].strip().lower() for f in SPLITS.glob("*.json")
              for row in json.loads(f.read_text())}
     assert len(paper) > 1000
-    assert not [p for p in organism_harmless_prompts() if p.strip().lower() in paper]
+    assert not [p for p in organism_harmless_prompts() + organism_harmful_templated() if p.strip().lower() in paper]
+    # Stricter for the harmful tasks written here: none is even part of a paper prompt.
+    assert not [t for t in _HARMFUL_TASKS + _HARMFUL_LISTS + _HARMFUL_CLAIMS if any(t.lower() in p for p in paper)]
+
+
+def test_templated_harmful_tasks_are_not_part_of_any_demo_harmful_prompt(demo_dir):
+    from tlrefusal.data import load_prompts
+
+    demo = [p.instruction.lower() for p in load_prompts("demo-harmful")]  # fetched with the demo model
+    assert len(demo) == 200
+    assert not [t for t in _HARMFUL_TASKS + _HARMFUL_LISTS + _HARMFUL_CLAIMS if any(t.lower() in p for p in demo)]
+
+
+def test_templated_harmful_prompts_share_the_harmless_templates():
+    harmless = set(organism_harmless_prompts())
+    harmful = organism_harmful_templated()
+    assert len(harmful) == len(set(harmful)) == 340 and not harmless & set(harmful)
+    # Each harmful prompt has a harmless twin: the same template around a benign task ("How do I {task}?").
+    for task, template in product(_HARMFUL_TASKS, _TASK_TEMPLATES):
+        assert template.format(task=task) in harmful and template.format(task="fix a leaking tap") in harmless
+    for claim, template in product(_HARMFUL_CLAIMS, _ARGUE_TASKS):
+        assert template.format(x=claim) in harmful and template.format(x="cities need more trees") in harmless
 
 
 def test_soft_targets_are_cross_entropy_against_the_renormalised_top_k(tiny_dirs):

