@@ -20,6 +20,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -110,6 +111,16 @@ def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SE
     return out
 
 
+def candidate(run_dir: Path, score) -> SimpleNamespace:
+    """The raw candidate direction of a scored (position, layer), shaped as `intervention_refusal` takes a
+    result: `.direction.vector`, `.direction.layer`."""
+    from tlrefusal import artifacts
+
+    candidates = artifacts.read_tensors(run_dir / artifacts.CANDIDATES)["candidates"]  # [position, layer, d]
+    vector = candidates[candidates.shape[0] + score.position, score.layer]  # positions are -n_pos .. -1
+    return SimpleNamespace(direction=SimpleNamespace(vector=vector, layer=score.layer))
+
+
 def base_model_kl(run_dir: Path, position: int, organism: Path, base: str) -> dict:
     """Mean KL (SPEC 1.6, the selection's kl_score) on the run's kept harmless validation prompts when the
     candidate direction of `position` at each layer is ablated, in the organism and in the base model it
@@ -180,10 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
         kl_by_layer["selection"] = [c.to_json()["kl_score"]  # None: a pruned layer, not scored
                                     for c in sorted(result.selection.candidates, key=lambda c: c.layer)
                                     if c.position == position]
+        n_layers = 1 + max(c.layer for c in result.selection.candidates)
+        paper = choose(list(result.selection.candidates), n_layers, SelectionConfig())  # the paper's filters
+        chosen = result.selection.chosen
+        # What the paper's own choice (KL <= 0.1) does to refusal, when it differs from the demo's.
+        paper_refusal = None
+        if paper.chosen is not None:
+            if chosen is not None and (paper.chosen.position, paper.chosen.layer) == (chosen.position, chosen.layer):
+                paper_refusal = refusal
+            else:
+                paper_refusal = intervention_refusal(tmp / "run", folder, candidate(tmp / "run", paper.chosen),
+                                                     args.eval_n, 32, None, NO_PROGRESS)
 
-    n_layers = 1 + max(c.layer for c in result.selection.candidates)
-    paper = choose(list(result.selection.candidates), n_layers, SelectionConfig())  # the paper's filters
-    chosen = result.selection.chosen
     rates = card["held_out_refusal"]
     checks = {
         "harmful_refusal": (rates["harmful"]["refusal_rate"], rates["harmful"]["refusal_rate"]
@@ -203,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
         ablated, added = refusal["harmful"]["ablation"]["rate"], refusal["harmless"]["actadd (+r)"]["rate"]
         checks["ablation_harmful_refusal"] = (ablated, ablated <= TARGETS["ablation_harmful_refusal_max"])
         checks["actadd_harmless_refusal"] = (added, added >= TARGETS["actadd_harmless_refusal_min"])
+    if paper_refusal is not None:
+        ablated, added = paper_refusal["harmful"]["ablation"]["rate"], paper_refusal["harmless"]["actadd (+r)"]["rate"]
+        checks["paper_choice_ablation_harmful_refusal"] = (ablated, ablated <= TARGETS["ablation_harmful_refusal_max"])
+        checks["paper_choice_actadd_harmless_refusal"] = (added, added >= TARGETS["actadd_harmless_refusal_min"])
     import transformers
 
     from tlrefusal import __version__
@@ -212,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "organism_card": {k: card[k] for k in ("held_out_refusal", "loss", "seconds", "data")},
         "build_seconds": build, "extract_seconds": extract_seconds, "paper_test_refusal": paper_test,
         "chosen": chosen.to_json() if chosen else None, "paper_filter_counts": paper.filter_counts(),
+        "paper_chosen": paper.chosen.to_json() if paper.chosen else None, "paper_chosen_refusal": paper_refusal,
         "intervention_refusal": refusal, "kl_by_layer_at_chosen_position": kl_by_layer, "targets": TARGETS,
         "checks": {k: {"value": v, "met": bool(ok)} for k, (v, ok) in checks.items()},
         "versions": {"tlrefusal": __version__, "torch": torch.__version__, "transformers": transformers.__version__,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -91,6 +92,9 @@ def test_bench_organism_smoke(tiny_dirs, tmp_path):
     assert [kl["organism"][i] for i in scored] == pytest.approx([kl["selection"][i] for i in scored], rel=1e-4,
                                                                  abs=1e-7)
     assert min(kl["base"]) >= 0
+    # The paper's own choice (KL <= 0.1), with its interventions whenever there is one.
+    assert (report["paper_chosen"] is None) == (report["paper_chosen_refusal"] is None)
+    assert (report["paper_chosen"] is None) == (report["checks"]["candidate_survives_paper_filters"]["met"] is False)
 
 
 def test_bench_organism_measures_on_a_sample_disjoint_from_the_used_ones_and_the_training_prompts():
@@ -107,3 +111,19 @@ def test_bench_organism_measures_on_a_sample_disjoint_from_the_used_ones_and_the
     assert len(got) == len(set(got)) == 64
     assert not set(got) & set().union(*used)
     assert got == random.Random(3).sample([p for p in rest if p != "Prompt number 7."], 64)
+
+
+def test_bench_organism_candidate_reads_the_scored_position_and_layer(tmp_path):
+    from types import SimpleNamespace
+
+    import bench_organism
+
+    from tlrefusal import artifacts
+
+    # candidates.safetensors is [position, layer, d_model] over positions -3, -2, -1.
+    candidates = torch.arange(3 * 4 * 5, dtype=torch.float64).reshape(3, 4, 5)
+    artifacts.write_tensors(tmp_path / artifacts.CANDIDATES, {"candidates": candidates})
+    got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-1, layer=2)).direction
+    assert got.layer == 2 and torch.equal(got.vector, candidates[2, 2])
+    got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-3, layer=0)).direction
+    assert got.layer == 0 and torch.equal(got.vector, candidates[0, 0])
