@@ -19,8 +19,9 @@ from tlrefusal.selection import SelectionConfig
 SUMMARY = "demo_summary.json"
 ORTHOGONALIZED = "orthogonalized"  # the weight-orthogonalized organism, a Hugging Face folder in the run
 # The organism's candidates move harmless next-token distributions more than the paper's 2B-70B models
-# do (KL 0.21 at the chosen candidate, none under the paper's 0.1 filter; see the README),
-# so the demo relaxes the KL filter and prints that it did. `tlrefusal extract` keeps the paper's 0.1.
+# do (of recipe version 7's, one passes the paper's 0.1 filter, at KL 0.075; its neighbours cost 0.15-0.4;
+# see the README), so the demo relaxes the KL filter, lest a rebuilt organism whose one survivor moved stop
+# the main job, and prints that it did. `tlrefusal extract` keeps the paper's 0.1.
 DEMO_KL_THRESHOLD = 2.0
 
 
