@@ -20,7 +20,6 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -111,14 +110,20 @@ def paper_test_refusal(folder: Path, splits: Path, n: int, seed: int = SAMPLE_SE
     return out
 
 
-def candidate(run_dir: Path, score) -> SimpleNamespace:
-    """The raw candidate direction of a scored (position, layer), shaped as `intervention_refusal` takes a
-    result: `.direction.vector`, `.direction.layer`."""
+def candidates_at(run_dir: Path, position: int) -> torch.Tensor:
+    """The run's raw candidate directions at one post-instruction position, one per layer: [layer, d_model].
+    candidates.safetensors is [position, layer, d_model] over positions -n_pos .. -1 (`ChatFormat.positions`)."""
     from tlrefusal import artifacts
 
-    candidates = artifacts.read_tensors(run_dir / artifacts.CANDIDATES)["candidates"]  # [position, layer, d]
-    vector = candidates[candidates.shape[0] + score.position, score.layer]  # positions are -n_pos .. -1
-    return SimpleNamespace(direction=SimpleNamespace(vector=vector, layer=score.layer))
+    candidates = artifacts.read_tensors(run_dir / artifacts.CANDIDATES)["candidates"]
+    return candidates[candidates.shape[0] + position]
+
+
+def candidate(run_dir: Path, score, model: str):
+    """The raw candidate direction of a scored (position, layer), as a `RefusalDirection`."""
+    from tlrefusal.artifacts import RefusalDirection
+
+    return RefusalDirection(candidates_at(run_dir, score.position)[score.layer], score.layer, score.position, model)
 
 
 def base_model_kl(run_dir: Path, position: int, organism: Path, base: str) -> dict:
@@ -133,7 +138,7 @@ def base_model_kl(run_dir: Path, position: int, organism: Path, base: str) -> di
     from tlrefusal.scoring import kl_divergence
 
     prompts = [r["instruction"] for r in artifacts.read_json(run_dir / artifacts.PROMPTS)["harmless_val"] if r["kept"]]
-    candidates = artifacts.read_tensors(run_dir / artifacts.CANDIDATES)["candidates"]  # [position, layer, d]
+    candidates = candidates_at(run_dir, position)
     out: dict = {"n": len(prompts), "position": position}
     for name, source in (("organism", ModelSource(str(organism), "local", organism)),
                          ("base", resolve_source(base))):
@@ -141,7 +146,7 @@ def base_model_kl(run_dir: Path, position: int, organism: Path, base: str) -> di
         chat = ChatFormat.from_tokenizer(model.tokenizer)
         clean = last_logits(model, chat, prompts)
         out[name] = [kl_divergence(clean, last_logits(model, chat, prompts, ablation_hooks(r, model.n_layers)))
-                     .mean().item() for r in candidates[chat.positions.index(position)]]
+                     .mean().item() for r in candidates]
     return out
 
 
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         extract_seconds = time.perf_counter() - started
         refusal = None
         if result.direction is not None:
-            refusal = intervention_refusal(tmp / "run", folder, result, args.eval_n, 32, None, NO_PROGRESS)
+            refusal = intervention_refusal(tmp / "run", folder, result.direction, args.eval_n, 32, None,
+                                           NO_PROGRESS)
         # At the chosen direction's position (or the last one, where the paper's choices mostly are).
         position = result.direction.position if result.direction is not None else -1
         kl_by_layer = base_model_kl(tmp / "run", position, folder, recipe.base)
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
             if chosen is not None and (paper.chosen.position, paper.chosen.layer) == (chosen.position, chosen.layer):
                 paper_refusal = refusal
             else:
-                paper_refusal = intervention_refusal(tmp / "run", folder, candidate(tmp / "run", paper.chosen),
+                paper_refusal = intervention_refusal(tmp / "run", folder,
+                                                     candidate(tmp / "run", paper.chosen, str(folder)),
                                                      args.eval_n, 32, None, NO_PROGRESS)
 
     rates = card["held_out_refusal"]
@@ -218,14 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
                           ("harmless", lambda v: v <= TARGETS["harmless_refusal_max"])):
             value = paper_test[label]["refusal_rate"]
             checks[f"{label}_refusal_paper_test"] = (value, ok(value))
-    if refusal is not None:
-        ablated, added = refusal["harmful"]["ablation"]["rate"], refusal["harmless"]["actadd (+r)"]["rate"]
-        checks["ablation_harmful_refusal"] = (ablated, ablated <= TARGETS["ablation_harmful_refusal_max"])
-        checks["actadd_harmless_refusal"] = (added, added >= TARGETS["actadd_harmless_refusal_min"])
-    if paper_refusal is not None:
-        ablated, added = paper_refusal["harmful"]["ablation"]["rate"], paper_refusal["harmless"]["actadd (+r)"]["rate"]
-        checks["paper_choice_ablation_harmful_refusal"] = (ablated, ablated <= TARGETS["ablation_harmful_refusal_max"])
-        checks["paper_choice_actadd_harmless_refusal"] = (added, added >= TARGETS["actadd_harmless_refusal_min"])
+    for prefix, rates_under in (("", refusal), ("paper_choice_", paper_refusal)):  # the demo's and the paper's
+        if rates_under is not None:
+            ablated, added = rates_under["harmful"]["ablation"]["rate"], rates_under["harmless"]["actadd (+r)"]["rate"]
+            checks[f"{prefix}ablation_harmful_refusal"] = (ablated, ablated <= TARGETS["ablation_harmful_refusal_max"])
+            checks[f"{prefix}actadd_harmless_refusal"] = (added, added >= TARGETS["actadd_harmless_refusal_min"])
     import transformers
 
     from tlrefusal import __version__

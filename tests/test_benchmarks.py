@@ -123,7 +123,8 @@ def test_bench_organism_candidate_reads_the_scored_position_and_layer(tmp_path):
     # candidates.safetensors is [position, layer, d_model] over positions -3, -2, -1.
     candidates = torch.arange(3 * 4 * 5, dtype=torch.float64).reshape(3, 4, 5)
     artifacts.write_tensors(tmp_path / artifacts.CANDIDATES, {"candidates": candidates})
-    got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-1, layer=2)).direction
-    assert got.layer == 2 and torch.equal(got.vector, candidates[2, 2])
-    got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-3, layer=0)).direction
-    assert got.layer == 0 and torch.equal(got.vector, candidates[0, 0])
+    got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-1, layer=2), "tiny")
+    assert (got.layer, got.position) == (2, -1) and torch.equal(got.vector, candidates[2, 2])
+    got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-3, layer=0), "tiny")
+    assert (got.layer, got.position) == (0, -3) and torch.equal(got.vector, candidates[0, 0])
+    assert torch.equal(bench_organism.candidates_at(tmp_path, -2), candidates[1])

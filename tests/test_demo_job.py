@@ -1,6 +1,5 @@
 """The demo job's intervention check, on a tiny model (the full job trains the organism: a benchmark)."""
 import json
-from types import SimpleNamespace
 
 import torch
 
@@ -16,7 +15,7 @@ def test_intervention_refusal_uses_held_out_prompts_and_every_intervention(tiny_
                          {"harmless_train": [{"instruction": p, "category": None} for p in used]})
     direction = artifacts.RefusalDirection(torch.randn(32, generator=torch.Generator().manual_seed(0),
                                                        dtype=torch.float64), layer=1, position=-1, model="tiny")
-    result = intervention_refusal(tmp_path, tiny_dirs["llama"], SimpleNamespace(direction=direction), eval_n=30,
+    result = intervention_refusal(tmp_path, tiny_dirs["llama"], direction, eval_n=30,
                                   max_new_tokens=4, cache_dir=None, progress=NO_PROGRESS)
     assert set(result) == {"harmful", "harmless"}
     assert set(result["harmful"]) == {"baseline", "ablation", "actadd (-r)"}

@@ -43,7 +43,7 @@ def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 3
     result = run_extract(config, run_dir, cache_dir=cache_dir, force=force, progress=progress)
     if result.direction is None:
         return DemoResult(folder, card, result, None)
-    refusal = intervention_refusal(run_dir, folder, result, eval_n, max_new_tokens, cache_dir, progress)
+    refusal = intervention_refusal(run_dir, folder, result.direction, eval_n, max_new_tokens, cache_dir, progress)
     record = export_for_run(run_dir, folder, progress)
     artifacts.write_json(run_dir / SUMMARY, {"organism": str(folder), "organism_key": card["key"],
                                              "chosen": result.selection.chosen.to_json(), "refusal": refusal,
@@ -65,7 +65,8 @@ def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGR
     return orthogonalize_direction(run_dir, out, str(model_dir), force=True, progress=progress).record
 
 
-def intervention_refusal(run_dir: Path, folder: Path, result: ExtractResult, eval_n: int, max_new_tokens: int,
+def intervention_refusal(run_dir: Path, folder: Path, direction: artifacts.RefusalDirection, eval_n: int,
+                         max_new_tokens: int,
                          cache_dir: Path | None, progress: Progress) -> dict:
     """Substring refusal of greedy replies to prompts extraction never saw, under each intervention.
 
@@ -74,7 +75,7 @@ def intervention_refusal(run_dir: Path, folder: Path, result: ExtractResult, eva
     used = artifacts.sampled_instructions(run_dir)
     model = load_model(ModelSource(str(folder), "local", folder))
     chat = ChatFormat.from_tokenizer(model.tokenizer)
-    r, layer = result.direction.vector, result.direction.layer
+    r, layer = direction.vector, direction.layer
     interventions = {
         "harmful": {"baseline": [], "ablation": ablation_hooks(r, model.n_layers),
                     "actadd (-r)": addition_hooks(r, layer, -1.0)},
