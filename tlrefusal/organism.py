@@ -167,14 +167,14 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
         raise TlrefusalError(f"n_harmless {n_harmless} exceeds the {len(harmless_pool)} harmless training prompts")
     harmful = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmful_pool, recipe.n_harmful)]
     harmless = [_maybe_wrap(p, rng, recipe.wrap_fraction) for p in rng.sample(harmless_pool, n_harmless)]
-    if recipe.n_harmful_templated:
-        harmful += [_maybe_wrap(p, rng, recipe.wrap_fraction)
-                    for p in rng.sample(templated_pool, recipe.n_harmful_templated)]
+    harmful += [_maybe_wrap(p, rng, recipe.wrap_fraction)  # sampling 0 draws nothing: version 6's data
+                for p in rng.sample(templated_pool, recipe.n_harmful_templated)]
 
     t = time.perf_counter()
     self_instructed: list[str] = []
     if recipe.n_self_instruct:
-        exclude = held_out_prompts(cache_dir) | {normalise_prompt(p) for p in harmful_pool + harmless_pool + templated_pool}
+        exclude = held_out_prompts(cache_dir) | {normalise_prompt(p)
+                                                  for p in harmful_pool + harmless_pool + templated_pool}
         with (progress.task("Sampling harmless prompts from the base model", total=recipe.n_self_instruct) as adv,
               recipe.compute()):
             self_instructed = self_instruct_prompts(model, chat, recipe.n_self_instruct, rng,
