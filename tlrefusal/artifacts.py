@@ -1,4 +1,4 @@
-"""The run folder: every file name in one place, atomic writes, and direction files.
+"""Every file name tlrefusal writes, atomic writes of artifacts, and direction files.
 
 RUN/
   config.json                  the resolved ExtractConfig (a re-run with another config is refused)
@@ -9,11 +9,16 @@ RUN/
   selection.json               every candidate's bypass / induce / KL and filter reason; the choice
   direction.safetensors        the chosen raw r (float64) with layer, position and model as metadata
   plots/selection.png          heatmaps of bypass / induce / KL over (position, layer)
+  demo_summary.json            (`tlrefusal demo`) held-out refusal under each intervention, the export's check
+  orthogonalized/              (`tlrefusal demo`) the orthogonalized model, a Hugging Face folder
+  eval/                        (`tlrefusal eval`) completions/, report.json, report.md, plots/, compare.*
+
+An exported checkpoint holds the Hugging Face files (config.json, model*.safetensors, the index) plus
+orthogonalization.json and README.md; an organism folder holds organism.json, README.md and
+self_instruct_prompts.json beside its weights.
 """
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from tlrefusal.errors import TlrefusalError
+from tlrefusal.publish import atomic_file
 
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
@@ -32,31 +38,41 @@ SELECTION = "selection.json"
 DIRECTION = "direction.safetensors"
 PLOT = "plots/selection.png"
 ALL_FILES = (CONFIG, MANIFEST, PROMPTS, MEANS, CANDIDATES, SELECTION, DIRECTION, PLOT)
+DEMO_SUMMARY = "demo_summary.json"
+ORTHOGONALIZED = "orthogonalized"
+
+# RUN/eval/ (`tlrefusal eval`)
+EVAL_DIR = "eval"
+COMPLETIONS_DIR = "completions"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+COMPARE_JSON = "compare.json"
+COMPARE_MD = "compare.md"
+EVAL_PLOTS_DIR = "plots"
+REFUSAL_PLOT = "refusal.png"
+PROJECTION_PLOT = "projection_vs_refusal.png"
+
+# A Hugging Face checkpoint (what `tlrefusal orthogonalize` reads and writes)
+HF_CONFIG = "config.json"
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+EXPORT_RECORD = "orthogonalization.json"
+MODEL_CARD = "README.md"
+
+# An organism folder (`tlrefusal organism`)
+ORGANISM_CARD = "organism.json"
+SELF_INSTRUCT_PROMPTS = "self_instruct_prompts.json"
 
 DIRECTION_FORMAT = "tlrefusal.direction/1"
 
 
-def _atomic(path: Path, write) -> Path:
-    """Write through a temporary file in the same folder, then rename: never a half-written artifact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(path: Path, data) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+    return atomic_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
                                                       encoding="utf-8"))
 
 
 def write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_json(path: Path):
@@ -68,7 +84,7 @@ def read_json(path: Path):
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -93,7 +109,7 @@ def sampled_instructions(run_dir: Path) -> set[str]:
 
 
 def write_plot(path: Path, figure) -> Path:
-    return _atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return atomic_file(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 @dataclass(frozen=True)
@@ -127,3 +143,33 @@ class RefusalDirection:
         except (OSError, SafetensorError) as exc:
             raise TlrefusalError(f"{path} is not a readable safetensors file: {exc}") from exc
         return cls(vector=vector, layer=int(meta["layer"]), position=int(meta["position"]), model=meta["model"])
+
+
+def load_direction(path: Path | str, layer: int | None = None, position: int | None = None) -> RefusalDirection:
+    """A run's chosen direction, or with `layer` and `position` any candidate the run scored.
+
+    `path` is a run folder or a direction file. Users pick layers by hand too: a candidate is usable when
+    selection scored it (layers the layer filter drops are never scored), whether or not a filter then
+    discarded it. A direction file holds one direction, so `layer`/`position` need a run folder.
+    """
+    path = Path(path)
+    if layer is None and position is None:
+        return RefusalDirection.load(path)
+    if layer is None or position is None:
+        raise TlrefusalError("--layer and --position go together")
+    if not (path.is_dir() and (path / SELECTION).is_file() and (path / CANDIDATES).is_file()):
+        raise TlrefusalError(f"--layer/--position pick a candidate of a run folder; {path} is not a run "
+                             f"folder with {SELECTION} and {CANDIDATES}")
+    scored = {(c["position"], c["layer"]): c for c in read_json(path / SELECTION)["candidates"]}
+    entry = scored.get((position, layer))
+    if entry is None or entry["bypass_score"] is None:
+        usable = sorted({c["layer"] for c in scored.values() if c["bypass_score"] is not None})
+        positions = sorted({c["position"] for c in scored.values()})
+        raise TlrefusalError(f"the run scored no candidate at position {position}, layer {layer} (positions "
+                             f"{positions}; scored layers {usable[0]}-{usable[-1]})" if usable else
+                             f"the run scored no candidate at position {position}, layer {layer}")
+    with safe_open(str(path / CANDIDATES), framework="pt") as f:
+        positions = [int(p) for p in (f.metadata() or {})["positions"].split(",")]
+        vector = f.get_tensor("candidates")[positions.index(position), layer].clone()
+    model = read_json(path / CONFIG)["config"]["model"]
+    return RefusalDirection(vector=vector.to(torch.float64), layer=layer, position=position, model=model)

