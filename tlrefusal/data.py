@@ -1,11 +1,14 @@
-"""Prompt sets: local files, hub datasets by name, the built-in demo sets; seeded sampling (SPEC 1.1).
+"""Prompt sets: local files, hub datasets by name, the built-in demo sets; seeded sampling.
 
 A prompt set is a list of `Prompt`s. Sources are strings:
 - a path to a `.json` (a list of strings or of objects), `.jsonl`, `.csv` or `.txt` (one prompt a line) file;
 - a known hub dataset name (`advbench`, `harmbench`, `jailbreakbench`, `alpaca`, `xstest`), loaded with
   `datasets` (needs the hub or its cache);
 - `hf:OWNER/NAME[:SPLIT]` for any other hub dataset with a recognisable instruction column;
-- `demo-harmful` / `demo-harmless`, which need no hub (see `tlrefusal.demo`).
+- a built-in prompt set's name (`tlrefusal.assets`), which needs no hub.
+
+The file and hub readers underneath (`read_text`, `read_records` for .json/.jsonl objects, `hub_rows`)
+are shared with the evaluation's text sources (`tlrefusal.evaluation.ce_data`).
 """
 import csv
 import hashlib
@@ -15,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tlrefusal.assets import PROMPT_SETS, prompt_asset
 from tlrefusal.errors import TlrefusalError, first_line
 
 # Column names we accept for the instruction and the category, in order of preference.
@@ -39,7 +43,7 @@ class HubDataset:
     config: str | None = None
     field: str | None = None
     category: str | None = None
-    only_empty_input: bool = False  # Alpaca: the paper keeps rows whose `input` is empty (SPEC 1.1)
+    only_empty_input: bool = False  # Alpaca: the paper keeps rows whose `input` is empty
 
 
 HUB_DATASETS = {
@@ -51,13 +55,11 @@ HUB_DATASETS = {
     "alpaca": HubDataset("tatsu-lab/alpaca", split="train", field="instruction", only_empty_input=True),
     "xstest": HubDataset("walledai/XSTest", split="test", field="prompt", category="type"),
 }
-DEMO_SETS = ("demo-harmful", "demo-harmless")
-
 
 def load_prompts(source: str, cache_dir: Path | None = None) -> list[Prompt]:
     """Load a prompt set from a file, a hub dataset name, or a demo set name (see the module doc)."""
-    if source in DEMO_SETS:
-        return _demo_prompts(source, cache_dir)
+    if (asset := prompt_asset(source)) is not None:
+        return [Prompt(p, asset.category) for p in asset.load(cache_dir)]
     if source.lower() in HUB_DATASETS:
         return _hub_prompts(HUB_DATASETS[source.lower()], source)
     if source.startswith("hf:"):
@@ -65,7 +67,7 @@ def load_prompts(source: str, cache_dir: Path | None = None) -> list[Prompt]:
         return _hub_prompts(HubDataset(repo, split=split or "train"), source)
     path = Path(source).expanduser()
     if not path.exists():
-        known = ", ".join([*DEMO_SETS, *HUB_DATASETS])
+        known = ", ".join([*PROMPT_SETS, *HUB_DATASETS])
         raise TlrefusalError(f"no prompt file or known dataset named '{source}' (known datasets: {known}; "
                              "or hf:OWNER/NAME[:SPLIT])")
     return _file_prompts(path)
@@ -75,17 +77,10 @@ def _file_prompts(path: Path) -> list[Prompt]:
     if path.is_dir():
         raise TlrefusalError(f"{path} is a folder, not a prompt file")
     suffix = path.suffix.lower()
+    text = read_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise TlrefusalError(f"{path} is not UTF-8 text") from exc
-    try:
-        if suffix == ".json":
-            records = json.loads(text)
-            if isinstance(records, dict):
-                raise TlrefusalError(f"{path} holds a JSON object; expected a list of prompts")
-        elif suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if suffix in (".json", ".jsonl"):
+            records = _json_items(path, text)
         elif suffix == ".csv":
             records = list(csv.DictReader(text.splitlines()))
         elif suffix == ".txt":
@@ -93,7 +88,7 @@ def _file_prompts(path: Path) -> list[Prompt]:
         else:
             raise TlrefusalError(f"{path}: unsupported prompt file type '{suffix}' (use .json, .jsonl, .csv "
                                  "or .txt)")
-    except (json.JSONDecodeError, csv.Error) as exc:
+    except csv.Error as exc:
         raise TlrefusalError(f"{path} is malformed: {exc}") from exc
     prompts = [_to_prompt(record, f"{path} item {i + 1}") for i, record in enumerate(records)]
     if not prompts:
@@ -119,14 +114,7 @@ def _to_prompt(record: object, where: str) -> Prompt:
 
 
 def _hub_prompts(spec: HubDataset, name: str) -> list[Prompt]:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(spec.repo, spec.config, split=spec.split)
-    except Exception as exc:  # datasets raises many types for a missing hub or cache; all mean the same here
-        reason = first_line(exc)
-        raise TlrefusalError(f"could not load dataset '{name}' ({spec.repo}) from the Hugging Face hub or its "
-                             f"cache: {reason}") from exc
+    rows = hub_rows(spec.repo, spec.split, spec.config, name=name)
     prompts = []
     for i, row in enumerate(rows):
         if spec.only_empty_input and row.get("input"):
@@ -140,12 +128,54 @@ def _hub_prompts(spec: HubDataset, name: str) -> list[Prompt]:
     return prompts
 
 
-def _demo_prompts(source: str, cache_dir: Path | None) -> list[Prompt]:
-    from tlrefusal import demo, harmless
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's content; an unreadable or non-UTF-8 file is a one-line TlrefusalError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TlrefusalError(f"{path} is not UTF-8 text") from exc
+    except OSError as exc:
+        raise TlrefusalError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
-    if source == "demo-harmful":
-        return [Prompt(p, "harmbench-standard") for p in demo.demo_harmful_prompts(cache_dir)]
-    return [Prompt(p, "tlrefusal-harmless") for p in harmless.demo_harmless_prompts()]
+
+def read_records(path: Path) -> list[dict]:
+    """The objects of a `.json` file holding a list of objects, or of a `.jsonl` file (one object a line)."""
+    items = _json_items(path, read_text(path))
+    if not all(isinstance(item, dict) for item in items):
+        raise TlrefusalError(f"{path} must hold a list of objects")
+    return items
+
+
+def _json_items(path: Path, text: str) -> list:
+    """The items of a `.jsonl` file (one JSON value a line, blank lines skipped) or of a `.json` list."""
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise TlrefusalError(f"{path} is malformed: {exc}") from exc
+    if not isinstance(items, list):
+        kind = "object" if isinstance(items, dict) else "value"
+        raise TlrefusalError(f"{path} holds a JSON {kind}; expected a list")
+    return items
+
+
+def hub_rows(repo: str, split: str, config: str | None = None, *, name: str | None = None,
+             shuffle_seed: int | None = None, first_n: int | None = None) -> list[dict]:
+    """The rows of a Hugging Face hub dataset (or its cache): all of them, shuffled with `shuffle_seed` if
+    given, or with `first_n` only the first n, streamed in order. `name` is how the user called it."""
+    import datasets
+
+    try:
+        if first_n is not None:
+            stream = datasets.load_dataset(repo, config, split=split, streaming=True)
+            return [row for _, row in zip(range(first_n), stream, strict=False)]
+        rows = datasets.load_dataset(repo, config, split=split)
+        return list(rows.shuffle(seed=shuffle_seed) if shuffle_seed is not None else rows)
+    except Exception as exc:  # datasets raises many types for a missing hub or cache; all mean the same here
+        what = f"dataset '{name}' ({repo})" if name else repo
+        raise TlrefusalError(f"could not load {what} from the Hugging Face hub or its cache: "
+                             f"{first_line(exc)}") from exc
 
 
 def prompts_hash(prompts: Sequence[Prompt]) -> str:
@@ -178,8 +208,8 @@ def sample_splits(
 ) -> Splits:
     """Seeded samples in the paper's order: harmful train, harmless train, harmful val, harmless val.
 
-    With separate validation pools this is exactly ORIG/REPL: `random.seed(seed)` then four
-    `random.sample` calls (SPEC 1.1). Without one, validation prompts are drawn from the prompts of the
+    With separate validation pools this is exactly the original code and the NNsight replication: `random.seed(seed)` then four
+    `random.sample` calls. Without one, validation prompts are drawn from the prompts of the
     same pool that training did not take, so train and val never overlap.
     """
     rng = random.Random(seed)
@@ -206,3 +236,10 @@ def sample_splits(
 def _remainder(pool: Sequence[Prompt], taken: Sequence[Prompt]) -> list[Prompt]:
     taken_ids = {id(p) for p in taken}
     return [p for p in pool if id(p) not in taken_ids]
+
+
+def sample_prompts(pool: Sequence[Prompt], n: int, seed: int, exclude: set[str] = frozenset()) -> list[Prompt]:
+    """Up to `n` prompts of `pool`, drawn with `random.Random(seed)`, leaving out instructions in `exclude`
+    (held-out evaluation: the prompts a run already used)."""
+    kept = [p for p in pool if p.instruction not in exclude]
+    return random.Random(seed).sample(kept, min(n, len(kept)))

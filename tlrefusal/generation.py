@@ -1,4 +1,4 @@
-"""Batched greedy generation under hooks (SPEC 1.8): left padding, explicit masks, KV cache, stop at EOS.
+"""Batched greedy generation under hooks: left padding, explicit masks, KV cache, stop at EOS.
 
 The TransformerBridge's KV-cached generation is checked against uncached and plain HF generation in
 tests/test_generation.py (the transformers pin depends on it).
@@ -11,8 +11,7 @@ from hooks.ablation import HookFn
 from tlrefusal.activations import batches
 from tlrefusal.chat import ChatFormat
 from tlrefusal.model import LoadedModel
-from tlrefusal.progress import Advance, Progress
-from tlrefusal.scoring import is_refusal
+from tlrefusal.progress import Advance
 
 
 @torch.inference_mode()
@@ -47,18 +46,3 @@ def until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
     """The tokens before the first stop token."""
     cut = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
     return tokens[:cut]
-
-
-def refusal_replies(
-    model: LoadedModel,
-    chat: ChatFormat,
-    instructions: Sequence[str],
-    max_new_tokens: int,
-    progress: Progress,
-    description: str,
-    fwd_hooks: list[tuple[str, HookFn]] = (),
-) -> tuple[float, list[str]]:
-    """Greedy replies under `fwd_hooks` and the fraction that refuse (SPEC 1.9 substrings)."""
-    with progress.task(description, total=len(instructions)) as advance:
-        replies = greedy_completions(model, chat, instructions, max_new_tokens, fwd_hooks, advance=advance)
-    return sum(map(is_refusal, replies)) / len(replies), replies

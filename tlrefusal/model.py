@@ -1,8 +1,8 @@
 """Load a chat model into a TransformerLens `TransformerBridge`, with raw Hugging Face weights.
 
 No weight processing (no LayerNorm folding, no centering): directions live in the coordinates that the
-orthogonalized export writes (SPEC tlrefusal notes). Sources: the demo model, a local Hugging Face
-folder, a GGUF file, or a hub id (downloaded into the Hugging Face cache as safetensors; pickled
+orthogonalized export writes. Sources: a built-in model's name (`tlrefusal.assets`), a local Hugging
+Face folder, a GGUF file, or a hub id (downloaded into the Hugging Face cache as safetensors; pickled
 `.bin` weights are never fetched).
 """
 import re
@@ -12,11 +12,14 @@ from typing import Literal
 
 import torch
 
+from tlrefusal.assets import model_asset
 from tlrefusal.errors import TlrefusalError, first_line
 from tlrefusal.progress import NO_PROGRESS, Progress
 
-SourceKind = Literal["demo", "local", "gguf", "hub"]
+SourceKind = Literal["builtin", "local", "gguf", "hub"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: the checkpoint's own dtype (config.json), float32 if it names none
+DEVICE_HELP = "auto (cuda if there is one, else cpu), cpu, cuda or cuda:N"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What a hub download fetches: config, tokenizer, chat template and safetensors weights, never pickles.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
@@ -34,6 +37,10 @@ class ModelSource:
     def to_json(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "loaded_from": str(self.path.resolve()),
                 "gguf_file": self.gguf_file}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelSource":
+        return cls(data["spec"], data["kind"], Path(data["loaded_from"]), data.get("gguf_file"))
 
 
 @dataclass
@@ -57,13 +64,10 @@ class LoadedModel:
         return next(self.bridge.original_model.parameters()).device
 
 
-def resolve_source(spec: str | None, cache_dir: Path | None = None, progress: Progress = NO_PROGRESS
-                   ) -> ModelSource:
-    """Turn what the user typed into a local file or folder, fetching the demo model or a hub id first."""
-    if spec is None or spec == "demo":
-        from tlrefusal.demo import ensure_demo_model
-
-        return ModelSource("demo", "demo", ensure_demo_model(cache_dir, progress))
+def resolve_source(spec: str, cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> ModelSource:
+    """Turn what the user typed into a local file or folder, fetching a built-in model or a hub id first."""
+    if (asset := model_asset(spec)) is not None:
+        return ModelSource(spec, "builtin", asset.fetch(cache_dir, progress))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -76,15 +80,14 @@ def resolve_source(spec: str | None, cache_dir: Path | None = None, progress: Pr
         return ModelSource(spec, "gguf", path.parent, gguf_file=path.name)
     if spec.startswith((".", "/", "~")) or not _HUB_ID.match(spec):
         raise TlrefusalError(f"no model folder or file at {spec}")
-    return ModelSource(spec, "hub", _download_from_hub(spec, progress))
+    return ModelSource(spec, "hub", _download_from_hub(spec))
 
 
-def _download_from_hub(repo_id: str, progress: Progress) -> Path:
+def _download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    try:
-        with progress.task(f"Fetching {repo_id} from the Hugging Face hub", total=None):
-            folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    try:  # huggingface_hub draws its own download bars: a multi-GB download must not look frozen
+        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # hub errors come in many types (offline, gated, missing); all are fatal here
         reason = first_line(exc)
         raise TlrefusalError(f"could not get '{repo_id}' from the Hugging Face hub or its cache ({reason}); "
@@ -105,9 +108,8 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise TlrefusalError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = DTYPES[resolve_dtype(source, dtype)]
+    device = resolve_device(device)
     extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     with progress.task(f"Loading {source.spec}", total=None):
         try:
@@ -133,9 +135,36 @@ def load_model(
                        model_type=hf_model.config.model_type, dtype=torch_dtype)
 
 
+def resolve_dtype(source: ModelSource, dtype: str) -> str:
+    """The dtype name to load in: `dtype` itself, or for "auto" the one the checkpoint's config.json names."""
+    if dtype not in DTYPE_CHOICES:
+        raise TlrefusalError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_CHOICES)})")
+    if dtype != "auto":
+        return dtype
+    config = source.path / "config.json"
+    if source.gguf_file or not config.is_file():
+        return "float32"  # a GGUF file is dequantized to float32
+    import json
+
+    data = json.loads(config.read_text(encoding="utf-8"))
+    named = data.get("dtype") or data.get("torch_dtype") or (data.get("text_config") or {}).get("torch_dtype")
+    return named if named in DTYPES else "float32"
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> cuda if torch sees a GPU, else cpu; anything else is checked by torch."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise TlrefusalError(f"unknown device '{device}' ({DEVICE_HELP})") from exc
+    return device
+
+
 def prepare_tokenizer(tokenizer) -> None:
     """Left padding (the candidate positions are the last n tokens of every row) and a pad token."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        # ORIG pads Llama-2/3 with EOS (SPEC 2); the pad id never reaches a real position anyway.
+        # the original code pads Llama-2/3 with EOS; the pad id never reaches a real position anyway.
         tokenizer.pad_token = tokenizer.eos_token
