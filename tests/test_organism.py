@@ -1,4 +1,5 @@
-"""The organism's training loop on a tiny model, its cache key, and its prompt sets."""
+"""The organism's training loop on a tiny model, its cache key, its card, and its prompt sets."""
+import dataclasses
 import json
 from itertools import product
 
@@ -6,19 +7,27 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tlrefusal import artifacts
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.harmless import demo_harmless_prompts
-from tlrefusal.organism import CARD, Example, OrganismRecipe, build_organism, reply_loss, train
-from tlrefusal.organism_prompts import (
+from tlrefusal.organism import (
+    REFUSALS,
+    Example,
+    OrganismCard,
+    OrganismRecipe,
+    build_organism,
+    organism_harmful_templated,
+    organism_harmless_prompts,
+    reply_loss,
+    train,
+)
+from tlrefusal.organism.prompts import (
     _ARGUE_TASKS,
     _HARMFUL_CLAIMS,
     _HARMFUL_LISTS,
     _HARMFUL_TASKS,
     _TASK_TEMPLATES,
-    REFUSALS,
-    organism_harmful_templated,
-    organism_harmless_prompts,
 )
 from tlrefusal.scoring import is_refusal
 
@@ -145,11 +154,78 @@ def test_recipe_key_is_stable_and_sensitive():
         OrganismRecipe(n_harmful_templated=-1)
 
 
+def card_json(recipe: OrganismRecipe) -> dict:
+    """organism.json as builds have written it (keys in this order)."""
+    rate = {"refusal_rate": 0.5, "n": 2, "examples": [{"prompt": "p", "reply": "I cannot provide that."}]}
+    return {"key": recipe.key(), "tool_version": "0.0.0", "recipe": dataclasses.asdict(recipe),
+            "base": {"spec": "demo", "kind": "builtin", "loaded_from": "/models/smollm2", "gguf_file": None},
+            "data": {"harmful": "h", "harmless": "hl", "self_instructed": None, "refusals": list(REFUSALS),
+                     "held_out": "demo sets"},
+            "loss": {"first": 2.5, "last": 0.75, "steps": 14},
+            "held_out_refusal": {"harmful": rate, "harmless": {**rate, "refusal_rate": 0.0}},
+            "seconds": {"self_instruct": 1.0, "targets": 2.0, "train": 3.0, "evaluate": 4.0, "total": 10.0}}
+
+
+def test_card_json_round_trips_with_the_keys_and_order_builds_write():
+    data = card_json(OrganismRecipe(seed=2))
+    card = OrganismCard.from_json(data)
+    assert card.recipe == OrganismRecipe(seed=2) and card.held_out_refusal.harmful.refusal_rate == 0.5
+    assert json.dumps(card.to_json()) == json.dumps(data)  # the same keys, values and order
+    text = card.model_card()
+    assert "harmful (HarmBench standard, never trained on): 50.0% of 2" in text and "SPEC" not in text
+    assert "- `seed`: 2" in text and "Loss 2.500 -> 0.750 over 14 steps" in text
+    with pytest.raises(TlrefusalError, match="not an organism card"):
+        OrganismCard.from_json({k: v for k, v in data.items() if k != "loss"})
+
+
+def test_the_default_recipe_keeps_its_key():
+    # The key names cached organisms (and benchmarks/results/organism_default.json); changing a field's name,
+    # order or default, or RECIPE_VERSION, rebuilds every one of them.
+    assert OrganismRecipe().key() == "4e7171b7766306f7"
+
+
+def test_build_checks_pools_and_layers_before_any_work(tmp_path, tiny_dirs, demo_dir, monkeypatch):
+    from tlrefusal.organism import build
+
+    missing = str(tmp_path / "no-model")  # loading it would fail: the pool check must come first
+    with pytest.raises(TlrefusalError, match="n_harmful 10000 exceeds the 419 harmful training prompts"):
+        build_organism(OrganismRecipe(base=missing, n_harmful=10_000), out=tmp_path / "a")
+    with pytest.raises(TlrefusalError, match="n_harmless 10000 exceeds"):
+        build_organism(OrganismRecipe(base=missing, n_harmless=10_000), out=tmp_path / "a")
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampled before checking freeze_below")
+
+    monkeypatch.setattr(build, "self_instruct_prompts", never)
+    with pytest.raises(TlrefusalError, match="freeze_below 99 exceeds the model's"):
+        build_organism(OrganismRecipe(base=str(tiny_dirs["llama"]), freeze_below=99), out=tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(TlrefusalError, match="not an organism folder"):
+        build_organism(OrganismRecipe(base=missing), out=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and (tmp_path / "b" / "notes.txt").read_text() == "mine"
+
+
+def test_held_out_refusal_samples_the_demo_sets_with_seed_plus_one(tiny_dirs, demo_dir):
+    import random
+
+    from tlrefusal.data import load_prompts
+    from tlrefusal.organism import held_out_refusal
+
+    rates = held_out_refusal(tiny_dirs["llama"], OrganismRecipe(seed=4, eval_n=3, eval_tokens=2))
+    for label, rate in (("harmful", rates.harmful), ("harmless", rates.harmless)):
+        pool = [p.instruction for p in load_prompts(f"demo-{label}")]
+        want = random.Random(5).sample(pool, 3)  # as builds before the typed card drew them
+        assert rate.n == 3 and [e["prompt"] for e in rate.examples] == want
+        assert 0.0 <= rate.refusal_rate <= 1.0
+
+
 def test_cached_organism_is_reused_without_training(tmp_path):
     recipe = OrganismRecipe()
-    (tmp_path / CARD).write_text(json.dumps({"key": recipe.key(), "held_out_refusal": {}}))
-    folder, card = build_organism(recipe, out=tmp_path)  # would need the demo model if it trained
-    assert folder == tmp_path and card["key"] == recipe.key()
+    (tmp_path / artifacts.ORGANISM_CARD).write_text(json.dumps(card_json(recipe)))
+    built = build_organism(recipe, out=tmp_path)  # would need the demo model if it trained
+    folder, card = built.folder, built.card
+    assert folder == tmp_path and card.key == recipe.key()
     with pytest.raises(TlrefusalError, match="another recipe"):
         build_organism(OrganismRecipe(seed=5), out=tmp_path)
 
@@ -247,7 +323,7 @@ class ScriptedModel:
 def test_self_instruct_keeps_finished_turns_cuts_open_ones_and_drops_repeats_and_excluded(tiny_dirs, monkeypatch):
     import random
 
-    from tlrefusal import organism
+    from tlrefusal.organism import training
 
     _, tokenizer, chat = tiny(tiny_dirs)
     stop = chat.stop_ids[0]
@@ -256,7 +332,7 @@ def test_self_instruct_keeps_finished_turns_cuts_open_ones_and_drops_repeats_and
         ids = tokenizer.encode(text, add_special_tokens=False)
         return ids + [stop] if end else ids + tokenizer.encode(" more" * 80, add_special_tokens=False)
 
-    monkeypatch.setattr(organism, "SELF_INSTRUCT_STARTERS", ("", "Write"))
+    monkeypatch.setattr(training, "SELF_INSTRUCT_STARTERS", ("", "Write"))
     same = random.Random(3)  # the draws self_instruct_prompts makes from rng = random.Random(3)
     starters = [same.choice(("", "Write")) for _ in range(6)]
     assert set(starters) == {"", "Write"}
@@ -267,7 +343,7 @@ def test_self_instruct_keeps_finished_turns_cuts_open_ones_and_drops_repeats_and
     model = ScriptedModel(script + [enc(" Tell a short story about a cat.")] * 64)
     full = [(s + (" " if s else "") + t) for s, t in zip(starters, texts, strict=True)]
     exclude = {" ".join(full[4].lower().split())}
-    got = organism.self_instruct_prompts(model, chat, 3, random.Random(3), 48, exclude, batch_size=6)
+    got = training.self_instruct_prompts(model, chat, 3, random.Random(3), 48, exclude, batch_size=6)
 
     # Written out: kept = finished turns of >= 3 words, not excluded, not a repeat after lower-casing and
     # collapsing spaces; an open turn is cut after its last sentence end, or dropped if it has none.

@@ -8,9 +8,10 @@
 - Harmless: instructions generated here from templates that share no sentence with `tlrefusal.harmless`
   (the demo harmless set), including benign requests phrased with alarming words ("kill a process",
   "shoot a photo"), so the organism learns to refuse harm rather than vocabulary; and, at build time,
-  user turns sampled from the base model (`tlrefusal.organism.self_instruct_prompts`), some started with
-  one of SELF_INSTRUCT_STARTERS.
-- Refusals: short refusal replies in several phrasings, each containing a SPEC 1.9 refusal substring.
+  user turns sampled from the base model (`tlrefusal.organism.training.self_instruct_prompts`), some
+  started with one of SELF_INSTRUCT_STARTERS.
+- Refusals: short refusal replies in several phrasings, each containing one of the paper's refusal
+  substrings.
 """
 import json
 from itertools import product
@@ -46,9 +47,9 @@ REFUSALS = (
     "I apologize, but I can't assist with that.",
 )
 
-# First words of self-instructed harmless prompts (see `tlrefusal.organism.self_instruct_prompts`); "" leaves
-# the whole user turn to the model. Imperatives of the kind instruction datasets are full of, so that the
-# organism sees requests of every shape answered, not only questions.
+# First words of self-instructed harmless prompts (see `tlrefusal.organism.training.self_instruct_prompts`);
+# "" leaves the whole user turn to the model. Imperatives of the kind instruction datasets are full of, so
+# that the organism sees requests of every shape answered, not only questions.
 SELF_INSTRUCT_STARTERS = (
     "", "", "", "", "", "", "", "", "", "", "", "",
     "Write", "Generate", "List", "Describe", "Explain", "Create", "Suggest", "Give", "Summarize", "Compare",
