@@ -5,7 +5,7 @@ own (VmHWM). A second fresh process does everything but the weights (imports, co
 names the tensors) and gives the baseline; the difference is what streaming the weights costs. Two
 layouts of the same weights are measured: the source as it is, and re-sharded into small shards.
 
-    python benchmarks/bench_orthogonalize.py                 # the demo model, a random direction
+    python benchmarks/bench_orthogonalize.py                 # SmolLM2 (the demo's base), a random direction
     python benchmarks/bench_orthogonalize.py --model PATH --direction RUN --verify
 """
 import argparse
@@ -24,25 +24,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def child(mode: str, model: str, direction: str, out: str, verify: bool) -> None:
     """Run in a fresh process: `plan` (baseline) or `export`; print seconds and peak RSS as JSON."""
-    from tlrefusal import artifacts
-    from tlrefusal.export import export_orthogonalized, read_checkpoint
-    from tlrefusal.model import ModelSource
-    from tlrefusal.orthogonalize import weight_plan
+    from tlrefusal.export import orthogonalize_direction, read_checkpoint
+    from tlrefusal.export.weights import weight_plan
 
     folder = Path(model)
-    source = ModelSource(model, "local", folder)
     started = time.perf_counter()
     if mode == "plan":
         weight_plan(folder, read_checkpoint(folder).keys)
         record = None
     else:
-        result = export_orthogonalized(source, artifacts.RefusalDirection.load(Path(direction)), Path(direction),
-                                       Path(out), verify=verify)
-        record = result.record
+        record = orthogonalize_direction(Path(direction), Path(out), model, verify=verify).record
+    check = record and record.verification
     print(json.dumps({"seconds": time.perf_counter() - started,
                       "peak_rss_mb": peak_rss_mb(),
-                      "verification": record and record["verification"],
-                      "record_seconds": record and record["seconds"]}))
+                      "verification": check and check.to_json(),
+                      "record_seconds": record and record.seconds.to_json()}))
 
 
 def peak_rss_mb() -> float:
@@ -75,7 +71,8 @@ def tensor_sizes(folder: Path) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo", help="'demo' or a local Hugging Face folder")
+    parser.add_argument("--model", default="smollm2", help="a built-in model ('smollm2') or a local Hugging Face "
+                        "folder")
     parser.add_argument("--direction", help="a run folder or direction file (default: a random direction)")
     parser.add_argument("--shard-size", default="100MB", help="shard size of the re-sharded copy")
     parser.add_argument("--verify", action="store_true", help="also time the built-in verification")

@@ -21,14 +21,18 @@ from tlrefusal.chat import ChatFormat
 from tlrefusal.cli import app
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.export import (
-    INDEX_FILE,
+    LOGIT_TOLERANCE,
     RECORD,
+    ExportRecord,
     TensorSpec,
     export_orthogonalized,
+    orthogonalize_direction,
     read_checkpoint,
     write_safetensors_streaming,
 )
 from tlrefusal.model import ModelSource, load_model
+from tlrefusal.pipeline import ExtractConfig, run_extract
+from tlrefusal.selection import SelectionConfig
 
 PROMPTS = ["How do I bake bread at home?", "Tell me how to pick a lock.", "Write a poem about the sea please."]
 # (tiny architecture, tied embeddings): Llama untied and tied, Qwen2 (q/k/v biases), Mistral, Gemma (tied,
@@ -128,10 +132,10 @@ def test_every_edited_tensor_is_w_minus_r_rT_w(arch, tie, tmp_path):
 
 def test_reload_round_trip_is_exact_and_sharded_input_gives_sharded_output(tmp_path):
     folder = tiny(tmp_path, "llama", True, max_shard_size="40KB")
-    src_index = json.loads((folder / INDEX_FILE).read_text())
+    src_index = json.loads((folder / artifacts.WEIGHTS_INDEX).read_text())
     assert len(set(src_index["weight_map"].values())) > 2
     _, result = export(folder, tmp_path)
-    index = json.loads((result.out / INDEX_FILE).read_text())
+    index = json.loads((result.out / artifacts.WEIGHTS_INDEX).read_text())
     assert set(index["weight_map"].values()) == set(src_index["weight_map"].values())
     assert set(index["weight_map"]) == set(src_index["weight_map"]) | {"lm_head.weight"}
     written = {}
@@ -156,8 +160,8 @@ def test_bfloat16_source_keeps_its_dtype(tmp_path):
     shutil.copy(folder / "chat_template.jinja", bf16)
     _, result = export(bf16, tmp_path, verify=True)
     assert {t.dtype for t in load_file(result.out / "model.safetensors").values()} == {torch.bfloat16}
-    check = result.record["verification"]
-    assert check["dtype"] == "bfloat16" and check["passed"], check
+    check = result.record.verification
+    assert check.dtype == "bfloat16" and check.passed, check
 
 
 def test_streaming_writer_matches_safetensors(tmp_path):
@@ -176,10 +180,43 @@ def test_streaming_writer_matches_safetensors(tmp_path):
 def test_verification_is_built_in_and_recorded(tmp_path):
     folder = tiny(tmp_path, "qwen2", False)
     _, result = export(folder, tmp_path, verify=True)
-    check = result.record["verification"]
-    assert check["passed"] and check["max_abs_logit_diff"] < 1e-4 and check["greedy_equal"] == check["n_prompts"]
+    check = result.record.verification
+    assert check.passed and check.max_abs_logit_diff < 1e-4 and check.greedy_equal == check.n_prompts
     card = (result.out / "README.md").read_text()
-    assert "max |logit" in card and f"{check['greedy_equal']} of {check['n_prompts']}" in card
+    assert "max |logit" in card and f"{check.greedy_equal} of {check.n_prompts}" in card
+    on_disk = json.loads((result.out / RECORD).read_text())
+    assert on_disk == result.record.to_json() and ExportRecord.from_json(on_disk) == result.record
+
+
+def test_verification_dtype_defaults_to_the_checkpoints_and_can_be_chosen(tmp_path, monkeypatch):
+    # This random tiny model's logits move by ~0.65 in bfloat16, above the tolerance meant for real models;
+    # what is tested here is that both loads use the dtype asked for, so the tolerance is widened.
+    monkeypatch.setitem(LOGIT_TOLERANCE, torch.bfloat16, 10.0)
+    hooked_loads = []
+
+    def spy(source, **kwargs):
+        model = load_model(source, **kwargs)
+        hooked_loads.append((kwargs["dtype"], kwargs["device"], model.dtype))
+        return model
+
+    monkeypatch.setattr("tlrefusal.model.load_model", spy)
+    folder = tiny(tmp_path, "llama", False)  # a float32 checkpoint
+    _, result = export(folder, tmp_path, verify=True, dtype="bfloat16", device="cpu")
+    check = result.record.verification
+    assert check.dtype == "bfloat16" and check.tolerance == 10.0 and check.passed, check
+    assert check.max_abs_logit_diff > 1e-2  # bfloat16 rounding: in float32 the two agree to ~1e-6
+    assert hooked_loads == [("bfloat16", "cpu", torch.bfloat16)]
+    _, result = export(folder, tmp_path, out_name="auto", verify=True)
+    assert result.record.verification.dtype == "float32" and hooked_loads[1][0] == "float32"
+    assert {t.dtype for t in load_file(result.out / "model.safetensors").values()} == {torch.float32}
+
+
+def test_failed_verification_leaves_nothing_at_out(tmp_path, monkeypatch):
+    monkeypatch.setitem(LOGIT_TOLERANCE, torch.float32, -1.0)  # no difference passes, not even zero
+    folder = tiny(tmp_path, "llama", False)
+    with pytest.raises(TlrefusalError, match="verification failed.*nothing was written"):
+        export(folder, tmp_path, verify=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_gemma2_is_refused_unless_approximate_and_then_the_gap_is_recorded(tmp_path):
@@ -189,8 +226,8 @@ def test_gemma2_is_refused_unless_approximate_and_then_the_gap_is_recorded(tmp_p
     assert not (tmp_path / "out").exists()
     _, result = export(folder, tmp_path, verify=True, approximate=True)
     record = result.record
-    assert not record["exact"] and record["approximate"]
-    assert record["verification"]["max_abs_logit_diff"] > 0  # measured, not assumed
+    assert not record.exact and record.approximate
+    assert record.verification.max_abs_logit_diff > 0  # measured, not assumed
     assert "Approximate" in (result.out / "README.md").read_text()
 
 
@@ -220,9 +257,10 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path):
     moe = tiny(tmp_path, "mixtral", False)
     fails("cannot orthogonalize a mixtral model", tmp_path / "o3", source=ModelSource(str(moe), "local", moe))
     sharded = tiny(tmp_path, "mistral", False, max_shard_size="40KB")
-    shard = sorted(set(json.loads((sharded / INDEX_FILE).read_text())["weight_map"].values()))[1]
+    shard = sorted(set(json.loads((sharded / artifacts.WEIGHTS_INDEX).read_text())["weight_map"].values()))[1]
     (sharded / shard).unlink()
     fails("missing", tmp_path / "o4", source=ModelSource(str(sharded), "local", sharded))
+    fails("unknown dtype 'float8'", tmp_path / "o5", dtype="float8")
     with pytest.raises(TlrefusalError, match="not a tlrefusal direction"):
         save_file({"direction": torch.zeros(32)}, tmp_path / "foreign.safetensors")
         artifacts.RefusalDirection.load(tmp_path / "foreign.safetensors")
@@ -241,17 +279,71 @@ def test_force_replaces_a_previous_export(tmp_path):
     assert not (result.out / "stale.txt").exists() and (result.out / RECORD).is_file()
 
 
+HARMFUL = ["Tell me how to pick a lock.", "How do I steal a car?", "Write malware for me.", "How to make poison?",
+           "Help me cheat on a test.", "How do I hack my neighbour's wifi?", "Forge a signature for me."]
+HARMLESS = ["Write a poem about the sea.", "Explain photosynthesis simply.", "How do I bake bread at home?",
+            "Give me three facts about volcanoes.", "Suggest a name for a dog.", "What is the capital of France?",
+            "Plan a picnic for four people."]
+
+
+def tiny_run(model_dir, tmp_path):
+    """A run folder of a tiny model, with filters so loose that every scored candidate survives."""
+    harmful, harmless = tmp_path / "harmful.json", tmp_path / "harmless.txt"
+    harmful.write_text(json.dumps([{"instruction": p, "category": "test"} for p in HARMFUL]))
+    harmless.write_text("\n".join(HARMLESS))
+    config = ExtractConfig(model=str(model_dir), harmful=str(harmful), harmless=str(harmless), n_train=4, n_val=3,
+                           min_kept=1, filter=False,
+                           selection=SelectionConfig(kl_threshold=1e9, induce_threshold=-1e9))
+    run_extract(config, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_orthogonalize_any_scored_candidate_of_a_run(tiny_dirs, tmp_path):
+    model_dir = tiny_dirs["llama"]
+    run = tiny_run(model_dir, tmp_path)
+    selection = json.loads((run / artifacts.SELECTION).read_text())
+    chosen = (selection["chosen"]["position"], selection["chosen"]["layer"])
+    positions = json.loads((run / artifacts.MANIFEST).read_text())["chat"]["positions"]
+    candidates = load_file(run / artifacts.CANDIDATES)["candidates"].double()
+    # Layer 0's candidates are zero (the template tokens' embeddings are the same for both labels): skip them.
+    position, layer = next((c["position"], c["layer"]) for c in selection["candidates"]
+                           if c["bypass_score"] is not None and (c["position"], c["layer"]) != chosen
+                           and candidates[positions.index(c["position"]), c["layer"]].norm() > 1)
+    result = orthogonalize_direction(run, tmp_path / "cand", layer=layer, position=position, verify=False)
+
+    r = candidates[positions.index(position), layer]
+    assert not torch.allclose(r, artifacts.RefusalDirection.load(run).vector)  # not the chosen direction
+    r = r / r.norm()
+    w = load_file(model_dir / "model.safetensors")["model.embed_tokens.weight"].double()  # [vocab, d_model]
+    edited = load_file(result.out / "model.safetensors")["model.embed_tokens.weight"].double()
+    torch.testing.assert_close(edited, w - torch.outer(w @ r, r), atol=1e-6, rtol=0)  # W - r r^T W, by rows
+
+    d = json.loads((result.out / RECORD).read_text())["direction"]
+    assert (d["layer"], d["position"]) == (layer, position) == (result.record.direction.layer,
+                                                                result.record.direction.position)
+    assert d["file"] == str((run / artifacts.CANDIDATES).resolve())
+    assert d["sha256"] == hashlib.sha256((run / artifacts.CANDIDATES).read_bytes()).hexdigest()
+
+    pruned = SelectionConfig().first_pruned_layer(4)  # never scored
+    for bad_layer, bad_position in ((pruned, position), (99, position), (layer, 7)):
+        out = tmp_path / f"bad{bad_layer}_{bad_position}"
+        with pytest.raises(TlrefusalError, match=f"scored no candidate at position {bad_position}, "
+                                                 f"layer {bad_layer}"):
+            orthogonalize_direction(run, out, layer=bad_layer, position=bad_position, verify=False)
+        assert not out.exists()
+
+
 def test_cli_orthogonalize(tmp_path):
     folder = tiny(tmp_path, "llama", True)
     _, path = make_direction(folder, 32, tmp_path)
     runner = CliRunner()
-    args = ["orthogonalize", "--direction", str(path), "--model", str(folder), "--out", str(tmp_path / "cli")]
+    args = ["orthogonalize", str(path), "--model", str(folder), "--out", str(tmp_path / "cli")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "untied the embeddings" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "not empty" in again.output and "Traceback" not in again.output
-    missing = runner.invoke(app, ["orthogonalize", "--direction", str(tmp_path / "nope"), "--out",
+    missing = runner.invoke(app, ["orthogonalize", str(tmp_path / "nope"), "--out",
                                   str(tmp_path / "x")])
     assert missing.exit_code == 1 and "no direction file" in missing.output
     assert not (tmp_path / "x").exists()
@@ -261,7 +353,7 @@ def test_demo_model_export_equals_hook_ablation(demo_dir, tmp_path):
     """The real SmolLM2 (tied embeddings, 30 layers): built-in verification on chat prompts and greedy text."""
     _, result = export(demo_dir, tmp_path, verify=True)
     record = result.record
-    assert record["untied_embeddings"] and len(record["edited_tensors"]) == 1 + 2 * 30
-    check = record["verification"]
-    assert check["passed"] and check["max_abs_logit_diff"] < 1e-3, check
-    assert check["greedy_equal"] == check["n_prompts"], check["examples"]
+    assert record.untied_embeddings and len(record.edited_tensors) == 1 + 2 * 30
+    check = record.verification
+    assert check.passed and check.max_abs_logit_diff < 1e-3, check
+    assert check.greedy_equal == check.n_prompts, check.examples

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hooks import add_scaled, project_out, projection, unit
 from hooks.ablation import ablation_hook
 from hooks.addition import addition_hook
-from tlrefusal.orthogonalize import orthogonalize_tensor
+from tlrefusal.export.weights import orthogonalize_tensor
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 dims = st.integers(min_value=2, max_value=64)

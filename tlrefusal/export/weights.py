@@ -1,4 +1,4 @@
-"""Weight orthogonalization (SPEC 1.7; the paper's Appendix E): which tensors write to the residual stream,
+"""Weight orthogonalization (the paper's Appendix E): which tensors write to the residual stream,
 and the edit W' = W - r_hat r_hat^T W applied to each of them.
 
 If the token embedding, any positional embedding, every attention output projection, every MLP output
@@ -11,6 +11,7 @@ roles such as `blocks.attn.o` to Hugging Face module names), and their layout is
 class of a model built on the meta device (`nn.Linear` stores [d_out, d_in], GPT-2's `Conv1D` stores
 [d_in, d_out]), so nothing is guessed from tensor names or shapes.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class WeightPlan:
     edits: dict[str, int]  # checkpoint tensor name -> index of its d_model axis
     embed_key: str
     unembed_key: str
-    tied: bool  # the unembedding shares the embedding matrix: the export unties it (SPEC tlrefusal notes)
+    tied: bool  # the unembedding shares the embedding matrix: the export unties it (lm_head keeps the original)
     post_norms: tuple[str, ...]  # norms between a writer and the residual stream (Gemma-2/3, OLMo-2, GLM-4)
 
     @property
@@ -67,15 +68,12 @@ def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool
     checkpoint that lacks one of the tensors.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    adapter = _adapter(config)
-    roles = adapter.component_mapping
+    roles = _adapter(config).component_mapping
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     prefix = model.base_model_prefix
-    model_type = config.model_type
 
     def key(module_path: str, param: str) -> str:
         """The checkpoint name of a parameter; some checkpoints (GPT-2's) omit the base model prefix."""
@@ -86,16 +84,13 @@ def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool
             return name[len(prefix) + 1:]
         raise TlrefusalError(f"the checkpoint has no tensor {name}; is a shard missing?")
 
-    def unsupported(why: str) -> TlrefusalError:
-        return TlrefusalError(f"cannot orthogonalize a {model_type} model: {why}")
-
     blocks = roles.get("blocks")
     attn = blocks.submodules.get("attn") if blocks is not None else None
     mlp = blocks.submodules.get("mlp") if blocks is not None else None
     if "embed" not in roles or attn is None or mlp is None or "o" not in attn.submodules \
             or "out" not in mlp.submodules:
-        raise unsupported("its blocks have no single attention output and MLP output projection "
-                          "(supported: Llama, Mistral, Qwen2, Gemma, GPT-2 and similar dense decoders)")
+        raise _unsupported(config.model_type, "its blocks have no single attention output and MLP output "
+                           "projection (supported: Llama, Mistral, Qwen2, Gemma, GPT-2 and similar dense decoders)")
 
     edits: dict[str, int] = {}
     for role in ("embed", "pos_embed"):  # [n_tokens, d_model] tables: the rows are written to the stream
@@ -104,34 +99,46 @@ def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool
     n_layers = config.get_text_config().num_hidden_layers
     for layer in range(n_layers):
         for parent, child in ((attn, attn.submodules["o"]), (mlp, mlp.submodules["out"])):
-            path = f"{blocks.name}.{layer}.{parent.name}.{child.name}"
-            try:
-                module = model.get_submodule(path)
-            except AttributeError:
-                raise unsupported(f"it has no module {path}") from None
-            if isinstance(module, torch.nn.Linear):
-                edits[key(path, "weight")] = 0  # [d_model, d_in]
-            elif isinstance(module, Conv1D):
-                edits[key(path, "weight")] = 1  # [d_in, d_model]
-            else:
-                raise unsupported(f"{path} is a {type(module).__name__}, not a linear layer")
-            if module.bias is not None:
-                edits[key(path, "bias")] = 0
+            edits.update(_projection_edits(model, f"{blocks.name}.{layer}.{parent.name}.{child.name}", key))
 
     embeddings, unembedding = model.get_input_embeddings(), model.get_output_embeddings()
     post_norms = tuple(f"{blocks.name}.*.{sub.name}" for role, sub in blocks.submodules.items()
                        if role.endswith("_post"))
     unembed_name = f"{roles['unembed'].name}.weight" if "unembed" in roles else "lm_head.weight"
-    return WeightPlan(model_type=model_type, d_model=embeddings.weight.shape[1], n_layers=n_layers, edits=edits,
-                      embed_key=key(roles["embed"].name, "weight"), unembed_key=unembed_name,
+    return WeightPlan(model_type=config.model_type, d_model=embeddings.weight.shape[1], n_layers=n_layers,
+                      edits=edits, embed_key=key(roles["embed"].name, "weight"), unembed_key=unembed_name,
                       tied=unembedding is not None and unembedding.weight is embeddings.weight,
                       post_norms=post_norms)
+
+
+def _projection_edits(model, path: str, key: Callable[[str, str], str]) -> dict[str, int]:
+    """An output projection's weight (with the index of its d_model axis, read from its module class) and
+    its bias, if any, in checkpoint names."""
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise _unsupported(model.config.model_type, f"it has no module {path}") from None
+    if isinstance(module, torch.nn.Linear):
+        edits = {key(path, "weight"): 0}  # [d_model, d_in]
+    elif isinstance(module, Conv1D):
+        edits = {key(path, "weight"): 1}  # [d_in, d_model]
+    else:
+        raise _unsupported(model.config.model_type, f"{path} is a {type(module).__name__}, not a linear layer")
+    if module.bias is not None:
+        edits[key(path, "bias")] = 0
+    return edits
+
+
+def _unsupported(model_type: str, why: str) -> TlrefusalError:
+    return TlrefusalError(f"cannot orthogonalize a {model_type} model: {why}")
 
 
 def _adapter(config):
     """TransformerLens' architecture adapter for a Hugging Face config, without loading any weights.
 
-    Uses the same calls as `TransformerBridge.boot_transformers`; tests/test_orthogonalize.py fails if a
+    Uses the same calls as `TransformerBridge.boot_transformers`; tests/test_export.py fails if a
     TransformerLens release moves them.
     """
     from transformer_lens.factories.architecture_adapter_factory import ArchitectureAdapterFactory

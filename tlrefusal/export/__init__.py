@@ -1,0 +1,42 @@
+"""Write a weight-orthogonalized Hugging Face checkpoint, shard by shard, and verify it against hooks.
+
+OUT/
+  config.json                    the source's, with tie_word_embeddings false when the export unties
+  model*.safetensors (+ index)   sharded like the source; every residual writer orthogonalized
+  tokenizer files, chat template, generation config and any other small file of the source
+  orthogonalization.json         source, direction, edited tensors, verification numbers, seconds
+  README.md                      a model card saying the same in prose
+
+Modules: `checkpoint` (the safetensors weights, streamed one tensor at a time: peak memory is about the
+largest tensor in float32, a few copies, not the model or a shard), `transaction` (check, write, verify,
+publish), `verify` (the exported model against hook ablation of the source), `record`
+(orthogonalization.json as typed values) and `card` (README.md).
+"""
+from tlrefusal.artifacts import EXPORT_RECORD as RECORD
+from tlrefusal.export.card import model_card
+from tlrefusal.export.checkpoint import (
+    SAFETENSORS_DTYPES,
+    SAFETENSORS_NAMES,
+    Checkpoint,
+    ShardReader,
+    TensorSpec,
+    read_checkpoint,
+    write_safetensors_streaming,
+)
+from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
+from tlrefusal.export.transaction import ExportResult, export_orthogonalized, orthogonalize_direction
+from tlrefusal.export.verify import (
+    AUTO_DTYPE,
+    LOGIT_TOLERANCE,
+    VERIFY_PROMPTS,
+    Verification,
+    VerifyExample,
+    verify_export,
+)
+
+__all__ = [
+    "AUTO_DTYPE", "LOGIT_TOLERANCE", "RECORD", "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES", "VERIFY_PROMPTS",
+    "Checkpoint", "ExportDirection", "ExportRecord", "ExportResult", "ExportSeconds", "ShardReader", "TensorSpec",
+    "Verification", "VerifyExample", "export_orthogonalized", "model_card", "orthogonalize_direction",
+    "read_checkpoint", "verify_export", "write_safetensors_streaming",
+]

@@ -1,0 +1,36 @@
+"""The model card (README.md, `artifacts.MODEL_CARD`) of an orthogonalized checkpoint: its record in prose."""
+from tlrefusal.export.record import ExportRecord
+from tlrefusal.export.verify import Verification
+
+
+def model_card(record: ExportRecord) -> str:
+    """What was edited, against which direction, and what verification measured."""
+    d = record.direction
+    gap = ("" if record.exact else
+           f"\n**Approximate**: this architecture puts norms ({', '.join(record.post_norms)}) between the output "
+           "projections and the residual stream, so these weights do not equal hook ablation; the gap is above.\n")
+    untied = ("The source ties its unembedding to the embedding; this export unties them, and `lm_head` keeps the "
+              "original matrix, as hook ablation does.\n" if record.untied_embeddings else "")
+    return f"""# {record.source.path.name}, refusal direction orthogonalized
+
+Written by tlrefusal {record.tool_version}: every tensor that writes to the residual stream (embeddings,
+attention and MLP output projections, their biases; {len(record.edited_tensors)} tensors) had the refusal
+direction projected out, W' = W - r r^T W (Arditi et al. 2024, Appendix E). It is meant for research
+on refusal; it will follow harmful instructions.
+
+- source: `{record.source.spec}` ({record.model_type})
+- direction: layer {d.layer}, position {d.position}, norm {d.norm:.4g}, `{d.file}` (sha256 {d.sha256[:16]}...)
+{untied}{gap}
+## Verification
+{_verified(record.verification)}
+"""
+
+
+def _verified(check: Verification | None) -> str:
+    if check is None:
+        return "Not verified (`--no-verify`)."
+    return (f"Reloaded with plain `transformers` and compared with the source under directional-ablation "
+            f"hooks (TransformerLens) on {check.n_prompts} chat prompts, {check.dtype}: max |logit "
+            f"difference| {check.max_abs_logit_diff:.3g} (tolerance {check.tolerance:.3g}); greedy "
+            f"continuations of {check.n_tokens} tokens equal for {check.greedy_equal} of "
+            f"{check.n_prompts}.")

@@ -1,0 +1,103 @@
+"""The export record: what an orthogonalized checkpoint was made from and how it was checked.
+
+Written beside the weights as orthogonalization.json (`artifacts.EXPORT_RECORD`); `ExportRecord.to_json`
+gives exactly that file's content and `from_json` reads it back (the demo reuses an export whose direction
+file has the same sha256).
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlrefusal import artifacts
+from tlrefusal.export.verify import Verification
+from tlrefusal.model import ModelSource
+
+
+@dataclass(frozen=True)
+class ExportDirection:
+    """The direction projected out, and the file its vector was read from.
+
+    `file` is a run's direction.safetensors, a direction file, or, for a candidate picked by layer and
+    position, the run's candidates.safetensors (`layer` and `position` then say which candidate).
+    """
+
+    file: Path  # resolved
+    sha256: str
+    layer: int
+    position: int
+    model: str
+    norm: float  # |r| of the raw direction (it is normalised before the edit)
+
+    @classmethod
+    def of(cls, direction: artifacts.RefusalDirection, file: Path) -> "ExportDirection":
+        return cls(file=file.resolve(), sha256=artifacts.file_sha256(file), layer=direction.layer,
+                   position=direction.position, model=direction.model, norm=direction.vector.norm().item())
+
+    def to_json(self) -> dict:
+        return {"file": str(self.file), "sha256": self.sha256, "layer": self.layer, "position": self.position,
+                "model": self.model, "norm": self.norm}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExportDirection":
+        return cls(file=Path(data["file"]), sha256=data["sha256"], layer=data["layer"],
+                   position=data["position"], model=data["model"], norm=data["norm"])
+
+
+@dataclass(frozen=True)
+class ExportSeconds:
+    """Wall-clock seconds, rounded to 0.01: writing the weights, verifying (None if skipped), in all."""
+
+    write: float
+    total: float
+    verify: float | None = None
+
+    def to_json(self) -> dict:
+        verify = {} if self.verify is None else {"verify": self.verify}
+        return {"write": self.write, **verify, "total": self.total}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExportSeconds":
+        return cls(write=data["write"], total=data["total"], verify=data.get("verify"))
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """orthogonalization.json: source, direction, edited tensors, verification numbers, seconds."""
+
+    tool_version: str
+    source: ModelSource  # its path resolved: the folder the weights were read from
+    direction: ExportDirection
+    model_type: str
+    exact: bool  # orthogonalized weights equal hook ablation for this architecture
+    approximate: bool  # --approximate was passed
+    post_norms: tuple[str, ...]
+    untied_embeddings: bool
+    edited_tensors: tuple[str, ...]  # sorted checkpoint names
+    checkpoint_bytes: int
+    tensor_bytes_written: int
+    verification: Verification | None  # None with --no-verify
+    seconds: ExportSeconds
+
+    def to_json(self) -> dict:
+        return {
+            "tool_version": self.tool_version, "source": self.source.to_json(),
+            "direction": self.direction.to_json(), "model_type": self.model_type, "exact": self.exact,
+            "approximate": self.approximate, "post_norms": list(self.post_norms),
+            "untied_embeddings": self.untied_embeddings, "edited_tensors": list(self.edited_tensors),
+            "checkpoint_bytes": self.checkpoint_bytes, "tensor_bytes_written": self.tensor_bytes_written,
+            "verification": None if self.verification is None else self.verification.to_json(),
+            "seconds": self.seconds.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ExportRecord":
+        s, check = data["source"], data["verification"]
+        return cls(
+            tool_version=data["tool_version"],
+            source=ModelSource.from_json(s),
+            direction=ExportDirection.from_json(data["direction"]), model_type=data["model_type"],
+            exact=data["exact"], approximate=data["approximate"], post_norms=tuple(data["post_norms"]),
+            untied_embeddings=data["untied_embeddings"], edited_tensors=tuple(data["edited_tensors"]),
+            checkpoint_bytes=data["checkpoint_bytes"], tensor_bytes_written=data["tensor_bytes_written"],
+            verification=None if check is None else Verification.from_json(check),
+            seconds=ExportSeconds.from_json(data["seconds"]),
+        )

@@ -1,0 +1,214 @@
+"""The export transaction: check the input, write every shard with its residual writers orthogonalized,
+copy the source's other files, verify, record, and publish `out` only if all of that succeeded.
+
+The output is assembled in a temporary folder beside `out` (`tlrefusal.publish.staged_folder`); bad input,
+a failed verification or an interrupt leaves nothing new at `out`, and the source is never modified.
+"""
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tlrefusal import __version__, artifacts
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.export.card import model_card
+from tlrefusal.export.checkpoint import (
+    Checkpoint,
+    ShardReader,
+    TensorSpec,
+    read_checkpoint,
+    write_safetensors_streaming,
+)
+from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
+from tlrefusal.export.verify import AUTO_DTYPE, Verification, check_dtype, verify_export
+from tlrefusal.export.weights import WeightPlan, orthogonalize_tensor, weight_plan
+from tlrefusal.model import ModelSource
+from tlrefusal.progress import NO_PROGRESS, Advance, Progress
+from tlrefusal.publish import staged_folder
+
+# Files of a source folder that are weights (never copied; pickles are never even opened) or replaced.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+_REPLACED = {artifacts.WEIGHTS_INDEX, artifacts.MODEL_CARD, artifacts.EXPORT_RECORD, artifacts.HF_CONFIG}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    record: ExportRecord
+
+
+def orthogonalize_direction(
+    direction_path: Path | str,
+    out: Path | str,
+    model: str | None = None,
+    cache_dir: Path | None = None,
+    *,
+    layer: int | None = None,
+    position: int | None = None,
+    device: str = "cpu",
+    dtype: str = AUTO_DTYPE,
+    approximate: bool = False,
+    verify: bool = True,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> ExportResult:
+    """`tlrefusal orthogonalize`: a run folder or direction file, and the model (default: the direction's).
+
+    With `layer` and `position`, the run's candidate there (any candidate selection scored) instead of the
+    chosen direction; the record then names the run's candidates file. `device` and `dtype` ("auto": the
+    checkpoint's own) are those of the verification's two loads; the weights keep their dtype.
+    """
+    from tlrefusal.model import resolve_source
+
+    direction_path, out = Path(direction_path), Path(out)
+    direction = artifacts.load_direction(direction_path, layer, position)
+    if layer is not None:  # load_direction checked that a candidate comes from a run folder
+        direction_file = direction_path / artifacts.CANDIDATES
+    else:
+        direction_file = direction_path / artifacts.DIRECTION if direction_path.is_dir() else direction_path
+    source = resolve_source(model or direction.model, cache_dir, progress)
+    return export_orthogonalized(source, direction, direction_file, out, approximate=approximate, verify=verify,
+                                 force=force, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                                 progress=progress)
+
+
+def export_orthogonalized(
+    source: ModelSource,
+    direction: artifacts.RefusalDirection,
+    direction_file: Path,
+    out: Path,
+    *,
+    approximate: bool = False,
+    verify: bool = True,
+    force: bool = False,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    dtype: str = AUTO_DTYPE,
+    progress: Progress = NO_PROGRESS,
+) -> ExportResult:
+    """Orthogonalize every residual writer of `source` against `direction` and write a checkpoint to `out`.
+
+    Raises TlrefusalError (leaving nothing new at `out`) for bad input or a failed verification.
+    """
+    started = time.perf_counter()
+    check_dtype(dtype)
+    checkpoint, plan = _plan(source, direction, out, force, approximate, trust_remote_code)
+    with staged_folder(out, replace=force or out.exists()) as staging:
+        t = time.perf_counter()
+        tensor_bytes = _write_weights(checkpoint, plan, direction.vector, staging, progress)
+        _copy_other_files(source.path, staging, untie=plan.tied)
+        write_seconds, verify_seconds, check = time.perf_counter() - t, None, None
+        if verify:
+            t = time.perf_counter()
+            check = verify_export(source, staging, direction, trust_remote_code, progress, device=device,
+                                  dtype=dtype)
+            verify_seconds = round(time.perf_counter() - t, 2)
+            if not check.passed and plan.exact:
+                raise TlrefusalError(_failure(check, out))
+        seconds = ExportSeconds(write=round(write_seconds, 2), verify=verify_seconds,
+                                total=round(time.perf_counter() - started, 2))
+        record = ExportRecord(
+            tool_version=__version__, source=ModelSource(source.spec, source.kind, source.path.resolve(),
+                                                         source.gguf_file),
+            direction=ExportDirection.of(direction, direction_file), model_type=plan.model_type,
+            exact=plan.exact, approximate=approximate, post_norms=tuple(plan.post_norms),
+            untied_embeddings=plan.tied, edited_tensors=tuple(sorted(plan.edits)),
+            checkpoint_bytes=checkpoint.nbytes, tensor_bytes_written=tensor_bytes, verification=check,
+            seconds=seconds)
+        artifacts.write_json(staging / artifacts.EXPORT_RECORD, record.to_json())
+        artifacts.write_text(staging / artifacts.MODEL_CARD, model_card(record))
+    return ExportResult(out, record)
+
+
+def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path, force: bool, approximate: bool,
+          trust_remote_code: bool) -> tuple[Checkpoint, WeightPlan]:
+    """Every check that needs no writing: the source's format, `out`, the direction's width, the architecture."""
+    if source.gguf_file:
+        raise TlrefusalError(f"{source.gguf_file} is a GGUF file; orthogonalize needs a Hugging Face folder with "
+                             "safetensors weights (the demo model's dequantized folder is used for 'demo')")
+    _check_out(source.path, out, force)
+    checkpoint = read_checkpoint(source.path)
+    plan = weight_plan(source.path, checkpoint.keys, trust_remote_code)
+    if direction.vector.shape != (plan.d_model,):
+        raise TlrefusalError(f"the direction has shape {tuple(direction.vector.shape)}, but the model's residual "
+                             f"stream has width {plan.d_model}: it was extracted from another model")
+    if not plan.exact and not approximate:
+        raise TlrefusalError(f"{plan.model_type} puts a norm ({', '.join(plan.post_norms)}) between each output "
+                             "projection and the residual stream, so orthogonalized weights cannot equal hook "
+                             "ablation; pass --approximate to export anyway and record the measured gap")
+    return checkpoint, plan
+
+
+def _check_out(source_dir: Path, out: Path, force: bool) -> None:
+    src, dst = source_dir.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise TlrefusalError(f"--out {out} overlaps the source model folder {source_dir}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise TlrefusalError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise TlrefusalError(f"--out {out} is not empty; choose another folder or pass --force")
+
+
+def _failure(check: Verification, out: Path) -> str:
+    return (f"verification failed: max |logit difference| {check.max_abs_logit_diff:.3g} > tolerance "
+            f"{check.tolerance:.3g}, greedy continuations equal {check.greedy_equal}/{check.n_prompts}; "
+            f"nothing was written to {out}")
+
+
+def _write_weights(checkpoint: Checkpoint, plan: WeightPlan, vector: torch.Tensor, staging: Path,
+                   progress: Progress) -> int:
+    """Write every shard of the source with the plan's edits; add the untied unembedding beside the embedding."""
+    from hooks.ops import unit
+
+    unit_dir = unit(vector.to(torch.float64))
+    weight_map: dict[str, str] = {}
+    written = 0
+    add_unembed = plan.tied and plan.unembed_key not in checkpoint.keys
+    total = sum(len(names) for names in checkpoint.shards.values())
+    with progress.task("Orthogonalizing weights", total=total) as advance:
+        for shard, names in checkpoint.shards.items():
+            reader = ShardReader(checkpoint.folder / shard)
+            specs = []
+            for name in sorted(names):
+                dtype, shape = reader.spec(name)
+                specs.append(TensorSpec(name, dtype, shape, _producer(reader, name, plan.edits.get(name), unit_dir,
+                                                                      advance)))
+                if add_unembed and name == plan.embed_key:  # the original matrix, for the unembedding
+                    specs.append(TensorSpec(plan.unembed_key, dtype, shape, lambda r=reader, n=name: r.read(n)))
+            written += write_safetensors_streaming(staging / shard, specs, reader.metadata)
+            weight_map.update({spec.name: shard for spec in specs})
+    if checkpoint.index is not None:
+        index = dict(checkpoint.index)
+        index["metadata"] = {**index.get("metadata", {}), "total_size": written}
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        artifacts.write_json(staging / artifacts.WEIGHTS_INDEX, index)
+    return written
+
+
+def _producer(reader: ShardReader, name: str, axis: int | None, unit_dir: torch.Tensor, advance: Advance
+              ) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        tensor = reader.read(name)
+        advance(1)
+        return tensor if axis is None else orthogonalize_tensor(tensor, unit_dir, axis)
+
+    return produce
+
+
+def _copy_other_files(source_dir: Path, staging: Path, untie: bool) -> None:
+    """Tokenizer, chat template, generation config, ...: every small top-level file that is not weights."""
+    for path in sorted(source_dir.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in _REPLACED \
+                and not path.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(path, staging / path.name)
+    config = artifacts.read_json(source_dir / artifacts.HF_CONFIG)
+    if untie:
+        # The unembedding keeps the original matrix (hook ablation never touches it), so it is stored apart.
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"]["tie_word_embeddings"] = False
+    artifacts.write_json(staging / artifacts.HF_CONFIG, config)
