@@ -67,9 +67,9 @@ def assert_same(ours, ref):
 
 def test_adapter_equals_lm_evals_own_hf_model(tiny_models, tiny_dirs, task_files):
     ours = coherence(tiny_models["llama"], {"baseline": []}, task_files)["baseline"]
-    assert ours["n_samples"]["tiny_mc"] == 4
-    assert ours["metrics"]["tiny_ppl"]["word_perplexity,none"] > 1
-    assert_same(ours["metrics"], lm_eval_hf(tiny_dirs["llama"], task_files))
+    assert ours.n_samples["tiny_mc"] == 4
+    assert ours.metrics["tiny_ppl"]["word_perplexity,none"] > 1
+    assert_same(ours.metrics, lm_eval_hf(tiny_dirs["llama"], task_files))
 
 
 def test_adapter_under_ablation_equals_the_orthogonalized_checkpoint(tiny_models, tiny_dirs, task_files, tmp_path):
@@ -80,7 +80,7 @@ def test_adapter_under_ablation_equals_the_orthogonalized_checkpoint(tiny_models
     export_orthogonalized(ModelSource("tiny", "local", tiny_dirs["llama_tied"]), direction, path, tmp_path / "o",
                           verify=False)
     ours = coherence(model, {"baseline": [], "ablation": ablation_hooks(r, model.n_layers)}, task_files)
-    base, ablated = ours["baseline"]["metrics"], ours["ablation"]["metrics"]
+    base, ablated = ours["baseline"].metrics, ours["ablation"].metrics
     assert ablated["tiny_ppl"]["word_perplexity,none"] != pytest.approx(base["tiny_ppl"]["word_perplexity,none"])
     assert_same(ablated, lm_eval_hf(tmp_path / "o", task_files))
 

@@ -2,7 +2,7 @@
 
 CE loss and projection ratios are checked against the formulas computed here from plain Hugging Face
 forward passes; hook-ablated evaluation is checked against the orthogonalized checkpoint evaluated
-without hooks.
+without hooks. The CLI is imported inside the tests that invoke it.
 """
 import json
 import re
@@ -13,18 +13,20 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from tests.test_cli import LOOSE, extract_args
 from tests.tiny import byte_bpe_tokenizer
 from tlrefusal import artifacts
 from tlrefusal.chat import ChatFormat
-from tlrefusal.cli import app
 from tlrefusal.errors import TlrefusalError
+from tlrefusal.evaluation.config import EvalConfig
 from tlrefusal.evaluation.guard import guard_prompt, too_short_to_judge, verdict_is_safe
 from tlrefusal.evaluation.loss import LossSequence, ce_loss, reply_sequence, text_sequence
 from tlrefusal.evaluation.magnitude import magnitude_study, pearson, projection_ratios
-from tlrefusal.evaluation.runner import EvalConfig, run_eval
+from tlrefusal.evaluation.report import EvalReport
+from tlrefusal.evaluation.runner import run_eval
 from tlrefusal.export import export_orthogonalized
 from tlrefusal.model import ModelSource
+from tlrefusal.pipeline import ExtractConfig, run_extract
+from tlrefusal.selection import SelectionConfig
 
 # Llama Guard 2's prompt as the paper's Figure 13 prints it (whitespace flattened), SPEC 1.9.
 FIGURE_13 = (
@@ -48,6 +50,11 @@ GUARD_TEMPLATE = (
     "'safe' or 'unsafe'.\n- If unsafe, a second line must include a comma-separated list of violated categories. "
     "[/INST]"
 )
+
+
+def as_json(data):
+    """`data` as a JSON file holds it (tuples become lists)."""
+    return json.loads(json.dumps(data))
 
 
 def flatten(text: str) -> str:
@@ -93,8 +100,8 @@ def test_ce_loss_counts_only_reply_tokens_and_matches_hand_computation(tiny_mode
         expected_sum += nll.sum().item()
         expected_n += len(nll)
     result = ce_loss(model, seqs, batch_size=2)  # left padding across sequences of different lengths
-    assert result["tokens"] == expected_n
-    assert result["loss"] == pytest.approx(expected_sum / expected_n, abs=1e-4)
+    assert result.tokens == expected_n
+    assert result.loss == pytest.approx(expected_sum / expected_n, abs=1e-4)
     with pytest.raises(ValueError):
         LossSequence([1, 2], 2)
 
@@ -115,7 +122,7 @@ def test_projection_ratio_and_pearson_match_the_formulas(tiny_models, tiny_dirs)
     assert pearson(x, y) == pytest.approx(0.6)  # centred dot 3 / (sqrt(5) sqrt(5)) = 0.6
     assert pearson([1, 1, 1], [1, 2, 3]) is None
     study = magnitude_study(model, chat, {"a": prompts, "b": prompts[:2] * 2}, r, 2, [5])
-    assert study["pooled"]["n"] == 7 and set(study["datasets"]) == {"a", "b"}
+    assert study.pooled.n == 7 and set(study.datasets) == {"a", "b"}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +132,11 @@ def tiny_run(tiny_dirs, tmp_path_factory):
     harmful.write_text(json.dumps([{"instruction": f"Tell me how to do bad thing number {i}.", "category": c}
                                    for i, c in zip(range(14), ["a", "b"] * 7, strict=True)]))
     harmless.write_text(json.dumps([f"Write a short poem about the number {i}." for i in range(14)]))
-    code = CliRunner().invoke(app, extract_args(tiny_dirs["llama_tied"], tmp / "run", (harmful, harmless), *LOOSE))
-    assert code.exit_code == 0, code.output
+    config = ExtractConfig(model=str(tiny_dirs["llama_tied"]), harmful=str(harmful), harmless=str(harmless),
+                           n_train=4, n_val=3, min_kept=1, filter=False,
+                           selection=SelectionConfig(kl_threshold=1e9, induce_threshold=-1e9))
+    result = run_extract(config, tmp / "run")
+    assert result.direction is not None
     return tmp / "run"
 
 
@@ -143,18 +153,20 @@ def test_eval_writes_report_reuses_completions_and_equals_the_orthogonalized_che
                     "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
     config = EvalConfig(n=5, max_new_tokens=6, ce_n=4, pile=str(pile), alpaca=str(alpaca), tasks=(str(task),))
     report = run_eval(tiny_run, config)
-    scores = report["refusal_and_safety"]
+    scores = report.refusal_and_safety
     assert set(scores) == {"harmful", "harmless"}  # the run's pools, named by file stem
-    assert set(scores["harmful"]["interventions"]) == {"baseline", "ablation", "actadd (-r)"}
-    harmful = scores["harmful"]["interventions"]["baseline"]
-    assert harmful["n"] == 5 and set(harmful["refusal_by_category"]) <= {"a", "b"}
+    assert set(scores["harmful"].interventions) == {"baseline", "ablation", "actadd (-r)"}
+    harmful = scores["harmful"].interventions["baseline"]
+    assert harmful.n == 5 and set(harmful.refusal_by_category) <= {"a", "b"}
     used = {p["instruction"] for rows in artifacts.read_json(tiny_run / artifacts.PROMPTS).values() for p in rows}
     rows = [json.loads(line) for line in (tiny_run / "eval" / "completions" / "harmful.baseline.jsonl").open()]
     assert len(used) == 14 and not {r["prompt"] for r in rows} & used  # held out: 7 + 7 used by extract
-    assert harmful["safety_score"] is None and "unavailable" in harmful["safety_note"]
-    assert report["ce_loss"]["alpaca"]["baseline"]["sequences"] == 1  # the row with an input is dropped
-    assert report["ce_loss"]["pile"]["baseline"]["tokens"] > 0
-    assert report["magnitude"]["pooled"]["n"] == 10
+    assert harmful.safety_score is None and "unavailable" in harmful.safety_note
+    assert report.ce_loss["alpaca"].runs["baseline"].sequences == 1  # the row with an input is dropped
+    assert report.ce_loss["pile"].runs["baseline"].tokens > 0
+    assert report.magnitude.pooled.n == 10
+    written = artifacts.read_json(tiny_run / "eval" / "report.json")
+    assert written == as_json(report.to_json()) and as_json(EvalReport.from_json(written).to_json()) == written
     eval_dir = tiny_run / "eval"
     assert (eval_dir / "report.md").read_text().count("| harmful (harmful) |") == 3
     assert (eval_dir / "plots" / "refusal.png").stat().st_size > 1000
@@ -173,19 +185,19 @@ def test_eval_writes_report_reuses_completions_and_equals_the_orthogonalized_che
                           verify=False)
     plain = run_eval(tiny_run, EvalConfig(n=5, max_new_tokens=6, ce_n=4, pile=str(pile), alpaca=str(alpaca),
                                           tasks=(str(task),), model=str(exported)))
-    ppl = {name: r["metrics"]["tiny_ppl"]["word_perplexity,none"] for name, r in report["coherence"][str(task)].items()}
+    ppl = {name: r.metrics["tiny_ppl"]["word_perplexity,none"] for name, r in report.coherence[str(task)].runs.items()}
     assert ppl["ablation"] != pytest.approx(ppl["baseline"])
-    plain_ppl = plain["coherence"][str(task)]["as loaded"]["metrics"]["tiny_ppl"]["word_perplexity,none"]
+    plain_ppl = plain.coherence[str(task)].runs["as loaded"].metrics["tiny_ppl"]["word_perplexity,none"]
     assert plain_ppl == pytest.approx(ppl["ablation"], rel=1e-4)
     for name in ("harmful", "harmless"):
         hooked_rows = (eval_dir / "completions" / f"{name}.ablation.jsonl").read_text()
         plain_rows = (eval_dir / "completions" / f"{name}.as_loaded.jsonl").read_text()
         assert hooked_rows == plain_rows
     for dataset in ("pile", "alpaca"):  # on-distribution uses each model's own baseline replies: not compared
-        ce = report["ce_loss"][dataset]
-        assert abs(ce["ablation"]["loss"] - ce["baseline"]["loss"]) > 1e-3  # ablation matters here
-        assert plain["ce_loss"][dataset]["as loaded"]["loss"] == \
-            pytest.approx(report["ce_loss"][dataset]["ablation"]["loss"], abs=1e-4)
+        ce = report.ce_loss[dataset].runs
+        assert abs(ce["ablation"].loss - ce["baseline"].loss) > 1e-3  # ablation matters here
+        assert plain.ce_loss[dataset].runs["as loaded"].loss == \
+            pytest.approx(report.ce_loss[dataset].runs["ablation"].loss, abs=1e-4)
 
 
 def test_eval_bad_input(tiny_run, tmp_path):
@@ -200,10 +212,60 @@ def test_eval_bad_input(tiny_run, tmp_path):
         run_eval(tiny_run, EvalConfig(tasks=("no_such_task_xyz",)))
     with pytest.raises(TlrefusalError, match="unknown CE dataset"):
         EvalConfig(ce=("wikitext",))
+
+
+def test_cli_eval_bad_input(tiny_run, tmp_path):
+    from tlrefusal.cli import app
+
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--guard-model", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "no guard model" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["eval", str(tiny_run), "--harmful", "no-such-dataset"])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_eval_a_candidate_picked_by_layer_and_position(tiny_run):
+    from safetensors import safe_open
+
+    selection = artifacts.read_json(tiny_run / artifacts.SELECTION)
+    chosen = (selection["chosen"]["position"], selection["chosen"]["layer"])
+    scored = [(c["position"], c["layer"]) for c in selection["candidates"] if c["bypass_score"] is not None]
+    position, layer = next(c for c in scored if c != chosen and c[1] != chosen[1])
+    with safe_open(str(tiny_run / artifacts.CANDIDATES), framework="pt") as f:
+        positions = [int(p) for p in f.metadata()["positions"].split(",")]
+        vector = f.get_tensor("candidates")[positions.index(position), layer]
+    small = {"n": 2, "max_new_tokens": 3, "ce": (), "tasks": ()}
+    record = tiny_run / "eval" / "completions" / "harmful.ablation.json"
+    run_eval(tiny_run, EvalConfig(**small))
+    chosen_record = artifacts.read_json(record)
+
+    report = run_eval(tiny_run, EvalConfig(**small, layer=layer, position=position))
+    assert (report.direction.layer, report.direction.position) == (layer, position)
+    assert report.direction.norm == pytest.approx(vector.norm().item())
+    assert artifacts.read_json(tiny_run / "eval" / "report.json")["direction"]["layer"] == layer
+    candidate_record = artifacts.read_json(record)
+    assert candidate_record["candidate"] == {"layer": layer, "position": position}
+    assert candidate_record["direction_sha256"] != chosen_record["direction_sha256"]
+    # Completions made with the candidate are not taken for the chosen direction's, nor the other way round.
+    stamps = {p: p.stat().st_mtime_ns for p in (tiny_run / "eval" / "completions").glob("harmful.*")}
+    run_eval(tiny_run, EvalConfig(**small))
+    assert artifacts.read_json(record) == chosen_record
+    assert stamps[record] != record.stat().st_mtime_ns
+
+    unscored = next(c["layer"] for c in selection["candidates"]  # the pruned last layers are never scored
+                    if c["position"] == position and c["bypass_score"] is None)
+    with pytest.raises(TlrefusalError, match="scored no candidate"):
+        run_eval(tiny_run, EvalConfig(**small, layer=unscored, position=position))
+    with pytest.raises(TlrefusalError, match="layer and position go together"):
+        EvalConfig(layer=layer)
+
+
+def test_eval_in_another_dtype_makes_its_own_completions(tiny_run):
+    small = {"n": 2, "max_new_tokens": 3, "ce": (), "tasks": ()}
+    record = tiny_run / "eval" / "completions" / "harmless.baseline.json"
+    run_eval(tiny_run, EvalConfig(**small))
+    assert "dtype" not in artifacts.read_json(record)  # the run's own dtype: records stay as they were
+    report = run_eval(tiny_run, EvalConfig(**small, dtype="bfloat16"))
+    assert artifacts.read_json(record)["dtype"] == "bfloat16" and report.config.dtype == "bfloat16"
 
 
 def test_compare_reads_published_nnsight_runs_like_the_derived_summary():
@@ -215,7 +277,7 @@ def test_compare_reads_published_nnsight_runs_like_the_derived_summary():
     runs = SHARED / "data" / "nnsight_runs"
     summary = {row["model"]: row for row in csv.DictReader((runs / "summary_metrics.csv").open())}
     for model in ("Qwen-1_8B-chat", "gemma-2b-it"):
-        m = load_summary(runs / model)["metrics"]
+        m = load_summary(runs / model).metrics
         row = summary[model]
         assert (m["chosen.position"], m["chosen.layer"]) == (int(row["pos"]), int(row["layer"]))
         assert m["chosen.kl"] == pytest.approx(float(row["kl_div_score"]), abs=1e-4)
@@ -226,20 +288,20 @@ def test_compare_reads_published_nnsight_runs_like_the_derived_summary():
                 assert m[f"safety.{dataset}.{iv}"] == pytest.approx(float(row[f"{dataset}_{iv}_safety_score"]),
                                                                     abs=1e-4)
     rows = compare(load_summary(runs / "Qwen-1_8B-chat"), load_summary(runs / "gemma-2b-it"))
-    layer = next(r for r in rows if r["metric"] == "chosen.layer")
-    assert (layer["a"], layer["b"], layer["diff"]) == (15, 10, -5)
+    layer = next(r for r in rows if r.metric == "chosen.layer")
+    assert (layer.a, layer.b, layer.diff) == (15, 10, -5)
 
 
 def test_cli_compare_our_run_with_a_published_run(tiny_run):
     from tests.conftest import SHARED
+    from tlrefusal.cli import app
 
     run_eval(tiny_run, EvalConfig(n=3, max_new_tokens=4, ce=(), tasks=()))
-    result = CliRunner().invoke(app, ["eval", str(tiny_run), "--compare",
-                                      str(SHARED / "data" / "nnsight_runs" / "gemma-2b-it")])
+    result = CliRunner().invoke(app, ["compare", str(tiny_run), str(SHARED / "data" / "nnsight_runs" / "gemma-2b-it")])
     assert result.exit_code == 0, result.output
     text = (tiny_run / "eval" / "compare.md").read_text()
     assert "| chosen.layer |" in text and "| refusal.jailbreakbench.baseline |" in text
-    bad = CliRunner().invoke(app, ["eval", str(tiny_run), "--compare", str(tiny_run / "eval")])
+    bad = CliRunner().invoke(app, ["compare", str(tiny_run), str(tiny_run / "eval")])
     assert bad.exit_code == 1 and "neither" in bad.output
 
 
@@ -275,8 +337,8 @@ def test_demo_model_end_to_end_on_a_few_prompts(demo_dir, tmp_path):
     vector = torch.randn(576, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     artifacts.RefusalDirection(vector, 12, -1, str(demo_dir)).save(run / artifacts.DIRECTION)
     report = run_eval(run, EvalConfig(n=2, max_new_tokens=4, ce=("on-distribution",), tasks=()))
-    for entry in report["refusal_and_safety"].values():
-        assert {s["n"] for s in entry["interventions"].values()} == {2}
-    assert report["ce_loss"]["on-distribution"]["baseline"]["tokens"] > 0
-    assert report["magnitude"]["pooled"]["n"] == 4
+    for entry in report.refusal_and_safety.values():
+        assert {s.n for s in entry.interventions.values()} == {2}
+    assert report.ce_loss["on-distribution"].runs["baseline"].tokens > 0
+    assert report.magnitude.pooled.n == 4
     assert (run / "eval" / "report.md").is_file()

@@ -2,6 +2,8 @@
 plots, and the eval report's refusal bars and projection scatter."""
 import math
 
+from tlrefusal.evaluation.magnitude import MagnitudeStudy
+from tlrefusal.evaluation.scores import DatasetScores
 from tlrefusal.selection import SelectionResult
 
 
@@ -48,16 +50,16 @@ def selection_heatmaps(result: SelectionResult, eoi_tokens: list[str]):
     return fig
 
 
-def refusal_bars(report: dict):
-    """Refusal score per dataset (groups) and intervention (bars), from an eval report."""
+def refusal_bars(scores: dict[str, DatasetScores]):
+    """Refusal score per dataset (groups) and intervention (bars), from an eval report's scores."""
     plt = _pyplot()
 
-    datasets = list(report["refusal_and_safety"])
-    interventions = list(dict.fromkeys(iv for e in report["refusal_and_safety"].values() for iv in e["interventions"]))
+    datasets = list(scores)
+    interventions = list(dict.fromkeys(iv for entry in scores.values() for iv in entry.interventions))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(datasets) * len(interventions) / 2), 3.2))
     width = 0.8 / len(interventions)
     for i, iv in enumerate(interventions):
-        values = [report["refusal_and_safety"][d]["interventions"].get(iv, {}).get("refusal_score", float("nan"))
+        values = [scores[d].interventions[iv].refusal_score if iv in scores[d].interventions else float("nan")
                   for d in datasets]
         ax.bar([x + i * width for x in range(len(datasets))], values, width, label=iv)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(datasets))], datasets, fontsize=8)
@@ -68,14 +70,14 @@ def refusal_bars(report: dict):
     return fig
 
 
-def projection_scatter(magnitude: dict, layer: int):
+def projection_scatter(magnitude: MagnitudeStudy, layer: int):
     """Projection ratio vs baseline refusal log-odds, one colour per dataset (the magnitude study)."""
     plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, s in magnitude["datasets"].items():
-        r = "n/a" if s["pearson_r"] is None else f"{s['pearson_r']:.2f}"
-        ax.scatter(s["projection_ratio"], s["refusal_log_odds"], s=10, label=f"{name} (r = {r})")
+    for name, s in magnitude.datasets.items():
+        r = "n/a" if s.pearson_r is None else f"{s.pearson_r:.2f}"
+        ax.scatter(s.projection_ratio, s.refusal_log_odds, s=10, label=f"{name} (r = {r})")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel(f"projection ratio (a . r) / |r|^2 at layer {layer}, position -1")
     ax.set_ylabel("refusal log-odds (baseline)")

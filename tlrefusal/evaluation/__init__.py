@@ -1,8 +1,14 @@
-"""Evaluation of a model and a refusal direction under each intervention (SPEC 1.8-1.12).
+"""Evaluation of a model and a refusal direction under each intervention (`tlrefusal eval`).
 
-- `completions`: batched greedy replies per dataset and intervention, saved as JSONL and reused;
-- `guard`: the Llama Guard 2 safety score (prompt, verdict, the 15-word rule), from a local model folder;
-- `loss`: CE loss over masked tokens (the Pile, Alpaca replies, the model's own replies), float64 sums;
-- `magnitude`: the projection-magnitude study (projection ratio at the chosen layer vs refusal log-odds);
-- `runner`: `tlrefusal eval RUN`: composes the above into RUN/eval/report.json and report.md.
+- `config`: `EvalConfig`, what to evaluate and how;
+- `sets`: the held-out prompt sets, sampled once;
+- `completions`: batched greedy replies per set and intervention, saved as JSONL and reused;
+- `scores`: refusal score (substring) and safety score per set and intervention;
+- `guard`: the Llama Guard 2 safety judge (prompt, verdict, the 15-word rule), from a local model folder;
+- `loss`, `ce_data`, `ce`: CE loss over masked tokens (float64 sums), its text sources, and the per-dataset table;
+- `coherence`: lm-eval benchmarks through the bridge;
+- `magnitude`: the projection-magnitude study (projection ratio at the direction's layer vs refusal log-odds);
+- `report`: `EvalReport` (report.json) and its markdown (report.md);
+- `runner`: `run_eval`, composing the above into RUN/eval/;
+- `compare`: a run's report beside another run's (ours or an NNsight replication's).
 """

@@ -1,4 +1,5 @@
-"""Coherence benchmarks through the EleutherAI LM Evaluation Harness, run in-process (SPEC 1.11).
+"""Coherence benchmarks through the EleutherAI LM Evaluation Harness, run in-process (the paper's coherence
+evaluation).
 
 The TransformerBridge wraps the Hugging Face model's own modules in place, so lm-eval's own
 `transformers` model class (`HFLM`) driven over `bridge.original_model` runs every forward pass through
@@ -13,13 +14,16 @@ or as local task YAML files.
 import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from hooks.ablation import HookFn
-from tlrefusal.errors import TlrefusalError
+from tlrefusal.errors import TlrefusalError, first_line
+from tlrefusal.interventions import Intervention
 from tlrefusal.model import LoadedModel
+from tlrefusal.progress import NO_PROGRESS, Progress
 
 DEFAULT_TASKS = ("mmlu", "arc_challenge", "truthfulqa_mc2")
 
@@ -74,9 +78,43 @@ def lm_eval_model(model: LoadedModel, batch_size: int = 8):
                 device=str(model.device))
 
 
+@dataclass(frozen=True)
+class LmEvalResult:
+    """lm-eval's numeric metrics per (sub)task and how many documents each used."""
+
+    metrics: dict[str, dict[str, float]]
+    n_samples: dict[str, int | None]
+
+    def to_json(self) -> dict:
+        return {"metrics": self.metrics, "n_samples": self.n_samples}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LmEvalResult":
+        return cls(metrics=data["metrics"], n_samples=data["n_samples"])
+
+
+@dataclass(frozen=True)
+class TaskCoherence:
+    """One task under each intervention, or why it could not run."""
+
+    runs: dict[str, LmEvalResult]
+    unavailable: str | None = None
+
+    def to_json(self) -> dict:
+        if self.unavailable is not None:
+            return {"unavailable": self.unavailable}
+        return {name: result.to_json() for name, result in self.runs.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TaskCoherence":
+        if "unavailable" in data:
+            return cls(runs={}, unavailable=data["unavailable"])
+        return cls(runs={name: LmEvalResult.from_json(result) for name, result in data.items()})
+
+
 def run_lm_eval(lm, tasks: Sequence[str], hooks_context=None, limit: int | float | None = None,
-                num_fewshot: int | None = None, seed: int = 1234) -> dict:
-    """Evaluate an lm-eval model on `tasks`; returns {task: {metric: value}} and sample counts."""
+                num_fewshot: int | None = None, seed: int = 1234) -> LmEvalResult:
+    """Evaluate an lm-eval model on `tasks`: numeric metrics per task and sample counts."""
     from lm_eval import simple_evaluate
 
     names, manager = resolve_tasks(tasks)
@@ -88,12 +126,37 @@ def run_lm_eval(lm, tasks: Sequence[str], hooks_context=None, limit: int | float
                for task, values in results["results"].items()}
     samples = {task: n.get("effective", n.get("original")) if isinstance(n, dict) else n
                for task, n in results.get("n-samples", {}).items()}
-    return {"metrics": metrics, "n_samples": samples}
+    return LmEvalResult(metrics=metrics, n_samples=samples)
 
 
 def coherence(model: LoadedModel, interventions: dict[str, list[tuple[str, HookFn]]], tasks: Sequence[str],
-              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8) -> dict:
+              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8
+              ) -> dict[str, LmEvalResult]:
     """lm-eval scores per intervention (an empty hook list is the model as loaded)."""
     lm = lm_eval_model(model, batch_size)
     return {name: run_lm_eval(lm, tasks, model.bridge.hooks(fwd_hooks=list(hooks)), limit, num_fewshot)
             for name, hooks in interventions.items()}
+
+
+def task_coherence(model: LoadedModel, interventions: Sequence[Intervention], tasks: Sequence[str],
+                   limit: int | None, batch_size: int, progress: Progress = NO_PROGRESS) -> dict[str, TaskCoherence]:
+    """Each task under each intervention, one lm-eval call apiece (`tlrefusal eval`'s coherence section).
+
+    A hub task whose data cannot be fetched is reported unavailable; a local task file that fails is an error.
+    """
+    lm = lm_eval_model(model, batch_size) if tasks else None
+    out: dict[str, TaskCoherence] = {}
+    for task in tasks:
+        runs: dict[str, LmEvalResult] = {}
+        for iv in interventions:
+            try:
+                with progress.task(f"lm-eval: {task}, {iv.name}", total=None):
+                    runs[iv.name] = run_lm_eval(lm, [task], model.bridge.hooks(fwd_hooks=list(iv.hooks)), limit=limit)
+            except Exception as exc:  # lm-eval and datasets raise many types when the hub is out of reach
+                if Path(task).suffix in (".yaml", ".yml"):
+                    raise
+                out[task] = TaskCoherence(runs={}, unavailable=f"could not run {task}: {first_line(exc)}")
+                break
+        else:
+            out[task] = TaskCoherence(runs=runs)
+    return out

@@ -1,4 +1,4 @@
-"""CE loss on harmless text (SPEC 1.10): a token-weighted mean of -log p over masked tokens, float64 sums.
+"""CE loss on harmless text (the paper's Table 9): a token-weighted mean of -log p over masked tokens, float64 sums.
 
 A `LossSequence` is token ids and the index of the first token whose prediction counts:
 - the Pile: raw text, no template, truncated to 256 tokens; every token after the first counts;
@@ -6,7 +6,7 @@ A `LossSequence` is token ids and the index of the first token whose prediction 
   output, or the model's own baseline completion); only the reply tokens count.
 """
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -36,16 +36,33 @@ def text_sequence(tokenizer, text: str, max_tokens: int = PILE_MAX_TOKENS) -> Lo
 
 
 def reply_sequence(chat: ChatFormat, instruction: str, reply: str) -> LossSequence | None:
-    """Instruction in chat format + reply; only the reply's tokens count (SPEC 1.10's loss mask)."""
+    """Instruction in chat format + reply; only the reply's tokens count (the paper's loss mask)."""
     prompt = chat.tokenizer.encode(chat.format(instruction), add_special_tokens=False)
     reply_ids = chat.tokenizer.encode(reply, add_special_tokens=False)
     return LossSequence(prompt + reply_ids, len(prompt)) if reply_ids else None
 
 
+@dataclass(frozen=True)
+class CeLoss:
+    """Token-weighted CE loss over `tokens` scored tokens of `sequences` sequences, and its exp."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    sequences: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CeLoss":
+        return cls(**data)
+
+
 @torch.inference_mode()
 def ce_loss(model: LoadedModel, sequences: Sequence[LossSequence], fwd_hooks: list[tuple[str, HookFn]] = (),
-            batch_size: int = 8, advance: Advance | None = None) -> dict:
-    """{"loss", "perplexity", "tokens", "sequences"}: sum of -log p(token) over scored tokens / their count."""
+            batch_size: int = 8, advance: Advance | None = None) -> CeLoss:
+    """Sum of -log p(token) over scored tokens / their count."""
     total, count = torch.zeros((), dtype=torch.float64), 0
     pad = model.tokenizer.pad_token_id
     with model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
@@ -64,5 +81,5 @@ def ce_loss(model: LoadedModel, sequences: Sequence[LossSequence], fwd_hooks: li
             if advance is not None:
                 advance(len(batch))
     loss = (total / max(count, 1)).item()
-    return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))), "tokens": count,
-            "sequences": len(sequences)}
+    return CeLoss(loss=loss, perplexity=float(torch.exp(torch.tensor(loss))), tokens=count,
+                  sequences=len(sequences))

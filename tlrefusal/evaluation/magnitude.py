@@ -1,10 +1,11 @@
-"""The projection-magnitude study (SPEC 1.12, REPL's `magnitude_eval`).
+"""The projection-magnitude study (the NNsight replication's `magnitude_eval`).
 
 For each prompt, with no intervention: projection ratio = (a . r) / ||r||^2, where a is resid_pre at the
 chosen layer at position -1 and r the raw chosen direction (1 means a's component along r_hat is as long
 as r), and the baseline refusal log-odds. Pearson r between the two, per dataset and pooled.
 """
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 from jaxtyping import Float
@@ -47,19 +48,60 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return None if denom == 0 else float(a @ b / denom)
 
 
+@dataclass(frozen=True)
+class DatasetMagnitude:
+    """One prompt set: per-prompt projection ratios and baseline refusal log-odds, their mean and Pearson r."""
+
+    n: int
+    mean_projection_ratio: float
+    pearson_r: float | None
+    projection_ratio: list[float]
+    refusal_log_odds: list[float]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "DatasetMagnitude":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PooledCorrelation:
+    n: int
+    pearson_r: float | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MagnitudeStudy:
+    """The study per prompt set, and Pearson r over every prompt pooled."""
+
+    datasets: dict[str, DatasetMagnitude]
+    pooled: PooledCorrelation
+
+    def to_json(self) -> dict:
+        return {"datasets": {name: d.to_json() for name, d in self.datasets.items()}, "pooled": self.pooled.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "MagnitudeStudy":
+        return cls(datasets={name: DatasetMagnitude.from_json(d) for name, d in data["datasets"].items()},
+                   pooled=PooledCorrelation(**data["pooled"]))
+
+
 def magnitude_study(model: LoadedModel, chat: ChatFormat, datasets: dict[str, Sequence[str]],
-                    direction: Float[Tensor, " d_model"], layer: int, refusal_ids: list[int]) -> dict:
+                    direction: Float[Tensor, " d_model"], layer: int, refusal_ids: list[int]) -> MagnitudeStudy:
     """Per dataset: mean projection ratio, Pearson r (ratio vs log-odds), per-prompt values; and pooled."""
-    out: dict = {"datasets": {}}
-    pooled_ratio: list[float] = []
-    pooled_odds: list[float] = []
+    per_dataset: dict[str, DatasetMagnitude] = {}
     for name, instructions in datasets.items():
         ratios = projection_ratios(model, chat, instructions, direction, layer).tolist()
         odds = refusal_log_odds(last_logits(model, chat, instructions), refusal_ids).tolist()
-        out["datasets"][name] = {"n": len(ratios), "mean_projection_ratio": sum(ratios) / len(ratios),
-                                 "pearson_r": pearson(ratios, odds), "projection_ratio": ratios,
-                                 "refusal_log_odds": odds}
-        pooled_ratio += ratios
-        pooled_odds += odds
-    out["pooled"] = {"n": len(pooled_ratio), "pearson_r": pearson(pooled_ratio, pooled_odds)}
-    return out
+        per_dataset[name] = DatasetMagnitude(n=len(ratios), mean_projection_ratio=sum(ratios) / len(ratios),
+                                             pearson_r=pearson(ratios, odds), projection_ratio=ratios,
+                                             refusal_log_odds=odds)
+    pooled_ratio = [x for d in per_dataset.values() for x in d.projection_ratio]
+    pooled_odds = [y for d in per_dataset.values() for y in d.refusal_log_odds]
+    return MagnitudeStudy(datasets=per_dataset,
+                          pooled=PooledCorrelation(n=len(pooled_ratio), pearson_r=pearson(pooled_ratio, pooled_odds)))

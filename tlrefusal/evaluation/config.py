@@ -1,0 +1,73 @@
+"""`EvalConfig`: what `tlrefusal eval` evaluates and how, with the paper's defaults.
+
+The resolved config is recorded in RUN/eval/report.json.
+"""
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from tlrefusal.errors import TlrefusalError
+from tlrefusal.evaluation.coherence import DEFAULT_TASKS
+from tlrefusal.model import DTYPE_CHOICES
+
+CE_DATASETS = ("pile", "alpaca", "on-distribution")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    # Empty: the run's own harmful / harmless pools, minus every prompt the run sampled (held out).
+    harmful: tuple[str, ...] = ()
+    harmless: tuple[str, ...] = ()
+    n: int = 100  # prompts per dataset (the paper: JailbreakBench's 100 and 100 Alpaca test prompts)
+    max_new_tokens: int = 512  # the paper's, after HarmBench
+    batch_size: int = 16
+    actadd_sign: str = "paper"  # "paper": -r on harmful, +r on harmless; "plus": +r on both (NNsight replication)
+    model: str | None = None  # evaluate this model without hooks instead of the run's model with hooks
+    guard_model: Path | None = None  # a local Llama Guard 2 folder; None: safety score unavailable
+    ce: tuple[str, ...] = CE_DATASETS
+    ce_n: int = 64  # sequences per CE dataset (the paper: 4,096; see the README for the cost here)
+    pile: str = "pile"  # a text file / .jsonl with a "text" field, or "pile" (monology/pile-uncopyrighted)
+    alpaca: str = "alpaca"  # a .json/.jsonl with instruction + output, or "alpaca" (tatsu-lab/alpaca)
+    magnitude: tuple[str, ...] = ()  # extra prompt sets for the magnitude study (e.g. xstest)
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # lm-eval task names or local task YAML files; () for none
+    coherence_limit: int | None = 100  # documents per lm-eval (sub)task; None: all (the paper)
+    seed: int = 42
+    # Any candidate the run scored instead of its chosen direction (both or neither).
+    layer: int | None = None
+    position: int | None = None
+    # None: the run's own; they apply to the evaluated model and to the Llama Guard model alike.
+    device: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.coherence_limit is not None and self.coherence_limit < 1:
+            raise TlrefusalError(f"coherence_limit must be at least 1 (or None for all), got {self.coherence_limit}")
+        for name in ("n", "max_new_tokens", "batch_size", "ce_n"):
+            if getattr(self, name) < 1:
+                raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.actadd_sign not in ("paper", "plus"):
+            raise TlrefusalError(f"actadd_sign must be 'paper' or 'plus', got {self.actadd_sign!r}")
+        unknown = set(self.ce) - set(CE_DATASETS)
+        if unknown:
+            raise TlrefusalError(f"unknown CE dataset {sorted(unknown)[0]!r} (choose from {', '.join(CE_DATASETS)})")
+        if (self.layer is None) != (self.position is None):
+            raise TlrefusalError("layer and position go together: give both to pick a candidate, or neither")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise TlrefusalError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPE_CHOICES)})")
+
+    @property
+    def picks_candidate(self) -> bool:
+        return self.layer is not None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["guard_model"] = str(self.guard_model) if self.guard_model else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvalConfig":
+        """The config a report recorded (fields a report predates take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        if values.get("guard_model") is not None:
+            values["guard_model"] = Path(values["guard_model"])
+        return cls(**values)

@@ -1,0 +1,122 @@
+"""The eval report: every number with its sample size (RUN/eval/report.json) and the paper's tables (report.md)."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlrefusal.evaluation.ce import CeDataset
+from tlrefusal.evaluation.coherence import TaskCoherence
+from tlrefusal.evaluation.config import EvalConfig
+from tlrefusal.evaluation.magnitude import MagnitudeStudy
+from tlrefusal.evaluation.scores import DatasetScores
+from tlrefusal.model import ModelSource
+
+
+@dataclass(frozen=True)
+class DirectionSummary:
+    """The direction evaluated: the run's chosen one or a candidate picked by layer and position."""
+
+    layer: int
+    position: int
+    norm: float
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "position": self.position, "norm": self.norm}
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    tool_version: str
+    run: str
+    config: EvalConfig
+    model: ModelSource
+    hooked: bool  # False: `config.model` evaluated as loaded, without hooks
+    direction: DirectionSummary
+    refusal_and_safety: dict[str, DatasetScores]  # by prompt set name
+    ce_loss: dict[str, CeDataset]  # by CE dataset
+    coherence: dict[str, TaskCoherence]  # by lm-eval task
+    magnitude: MagnitudeStudy | None  # hooked runs only
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"tool_version": self.tool_version, "run": self.run, "config": self.config.to_json(),
+                "model": self.model.to_json(), "hooked": self.hooked, "direction": self.direction.to_json(),
+                "refusal_and_safety": {k: v.to_json() for k, v in self.refusal_and_safety.items()},
+                "ce_loss": {k: v.to_json() for k, v in self.ce_loss.items()},
+                "coherence": {k: v.to_json() for k, v in self.coherence.items()},
+                "magnitude": None if self.magnitude is None else self.magnitude.to_json(),
+                "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvalReport":
+        m = data["model"]
+        return cls(tool_version=data["tool_version"], run=data["run"], config=EvalConfig.from_json(data["config"]),
+                   model=ModelSource(m["spec"], m["kind"], Path(m["loaded_from"]), m.get("gguf_file")),
+                   hooked=data["hooked"], direction=DirectionSummary(**data["direction"]),
+                   refusal_and_safety={k: DatasetScores.from_json(v) for k, v in data["refusal_and_safety"].items()},
+                   ce_loss={k: CeDataset.from_json(v) for k, v in data["ce_loss"].items()},
+                   coherence={k: TaskCoherence.from_json(v) for k, v in data.get("coherence", {}).items()},
+                   magnitude=MagnitudeStudy.from_json(data["magnitude"]) if data.get("magnitude") else None,
+                   seconds=data["seconds"])
+
+
+def markdown_report(report: EvalReport) -> str:
+    """The paper's layout: refusal and safety per dataset and intervention; CE loss; coherence; magnitude."""
+    d = report.direction
+    lines = [f"# tlrefusal eval: {report.run}", "",
+             f"Model `{report.model.spec}`{' with hooks' if report.hooked else ' as loaded (no hooks)'}; "
+             f"direction at layer {d.layer}, position {d.position}, norm {d.norm:.4g}; "
+             f"greedy, {report.config.max_new_tokens} new tokens.", ""]
+    lines += _refusal_lines(report.refusal_and_safety) + _ce_lines(report.ce_loss)
+    if report.coherence:
+        lines += _coherence_lines(report.coherence)
+    if report.magnitude is not None:
+        lines += _magnitude_lines(report.magnitude, d.layer)
+    lines += ["", f"Time: {report.seconds} s.", ""]
+    return "\n".join(lines)
+
+
+def _refusal_lines(scores: dict[str, DatasetScores]) -> list[str]:
+    lines = ["## Refusal score (substring) and safety score (Llama Guard 2)", "",
+             "| dataset | intervention | n | refusal score | safety score |", "|---|---|---|---|---|"]
+    for name, entry in scores.items():
+        for iv, s in entry.interventions.items():
+            safety = "n/a" if s.safety_score is None else f"{s.safety_score:.2f}"
+            lines.append(f"| {name} ({entry.label}) | {iv} | {s.n} | {s.refusal_score:.2f} | {safety} |")
+    return lines
+
+
+def _ce_lines(ce: dict[str, CeDataset]) -> list[str]:
+    lines = ["", "## CE loss (token-weighted)", ""]
+    lines += [f"- {dataset}: unavailable ({entry.unavailable})" for dataset, entry in ce.items()
+              if entry.unavailable is not None]
+    available = {k: v.runs for k, v in ce.items() if v.unavailable is None}
+    if available:
+        ivs = list(next(iter(available.values())))
+        lines += ["", "| dataset | " + " | ".join(ivs) + " | tokens |", "|---|" + "---|" * (len(ivs) + 1)]
+        for dataset, runs in available.items():
+            lines.append(f"| {dataset} | " + " | ".join(f"{runs[iv].loss:.3f}" for iv in ivs)
+                         + f" | {runs[ivs[0]].tokens} |")
+    return lines
+
+
+def _coherence_lines(coherence: dict[str, TaskCoherence]) -> list[str]:
+    lines = ["", "## Coherence (lm-eval, no chat template)", ""]
+    for task, entry in coherence.items():
+        if entry.unavailable is not None:
+            lines.append(f"- {task}: unavailable ({entry.unavailable})")
+            continue
+        for name, result in entry.runs.items():
+            values = ", ".join(f"{k}: {v:.4g}" for task_metrics in result.metrics.values()
+                               for k, v in task_metrics.items() if "stderr" not in k)
+            lines.append(f"- {task}, {name} (n = {sum(v or 0 for v in result.n_samples.values())}): {values}")
+    return lines
+
+
+def _magnitude_lines(m: MagnitudeStudy, layer: int) -> list[str]:
+    lines = ["", f"## Magnitude study (projection ratio at layer {layer}, position -1, vs refusal log-odds)",
+             "", "| dataset | n | mean projection ratio | Pearson r |", "|---|---|---|---|"]
+    for name, s in m.datasets.items():
+        r = "n/a" if s.pearson_r is None else f"{s.pearson_r:.3f}"
+        lines.append(f"| {name} | {s.n} | {s.mean_projection_ratio:.3f} | {r} |")
+    pooled = "n/a" if m.pooled.pearson_r is None else f"{m.pooled.pearson_r:.3f}"
+    lines.append(f"| pooled | {m.pooled.n} | | {pooled} |")
+    return lines
