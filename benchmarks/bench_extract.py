@@ -1,12 +1,13 @@
 """Time `tlrefusal extract` step by step on one model and write the numbers as JSON.
 
-Default: the demo model with the paper's sizes (128 + 128 train, 32 + 32 val) sampled from the paper's
-splits in ../shared/data (read by path, never copied), without the refusal filter (the demo model barely
+Default: the demo base model (`smollm2`, SmolLM2-135M-Instruct) with the paper's sizes (128 + 128 train,
+32 + 32 val) sampled from the paper's splits (`--paper-data DIR` or $TLREFUSAL_PAPER_DATA: the folder
+holding datasets/splits/, read where it is, never copied), without the refusal filter (SmolLM2 barely
 refuses, so filtering would stop the run). Counts prompt forward passes per step so the time per pass
 can be compared across machines.
 
-    python benchmarks/bench_extract.py                       # demo model, paper sizes
-    python benchmarks/bench_extract.py --n-train 16 --n-val 8 --out benchmarks/results/extract_small.json
+    python benchmarks/bench_extract.py --paper-data DIR      # smollm2, paper sizes
+    python benchmarks/bench_extract.py --paper-data DIR --n-train 16 --n-val 8 --out benchmarks/results/extract_small.json
 """
 import argparse
 import json
@@ -17,28 +18,30 @@ import time
 from pathlib import Path
 
 import torch
+from paper_data import add_paper_data_flag, splits_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = ROOT.parent / "shared" / "data" / "datasets" / "splits"
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--splits", type=Path, default=SPLITS)
+    parser.add_argument("--model", default="smollm2", help='a built-in model ("smollm2", "organism") or a model '
+                                                           "folder")
+    add_paper_data_flag(parser)
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-val", type=int, default=32)
     parser.add_argument("--filter", action="store_true", help="apply the paper's refusal filter")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract_demo.json")
     args = parser.parse_args(argv)
+    splits = splits_dir(args.paper_data)
 
     from tlrefusal.pipeline import ExtractConfig, run_extract
     from tlrefusal.selection import SelectionConfig
 
     config = ExtractConfig(
-        model=args.model, harmful=str(args.splits / "harmful_train.json"),
-        harmless=str(args.splits / "harmless_train.json"), harmful_val=str(args.splits / "harmful_val.json"),
-        harmless_val=str(args.splits / "harmless_val.json"), n_train=args.n_train, n_val=args.n_val,
+        model=args.model, harmful=str(splits / "harmful_train.json"),
+        harmless=str(splits / "harmless_train.json"), harmful_val=str(splits / "harmful_val.json"),
+        harmless_val=str(splits / "harmless_val.json"), n_train=args.n_train, n_val=args.n_val,
         filter=args.filter, selection=SelectionConfig(),
     )
     with tempfile.TemporaryDirectory() as tmp:

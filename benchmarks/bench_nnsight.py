@@ -1,6 +1,7 @@
 """tlrefusal next to an NNsight implementation and a plain PyTorch one of the same steps, in one run.
 
-Same model, prompts and threads for all three; NNsight and plain PyTorch run on their own copy of the
+Same model, prompts and threads for all three (prompts from the paper's splits: `--paper-data DIR` or
+$TLREFUSAL_PAPER_DATA, the folder holding datasets/splits/); NNsight and plain PyTorch run on their own copy of the
 Hugging Face model (the TransformerBridge wraps its model's modules in place). Steps:
 
 - extraction: mean resid_pre at every layer and post-instruction position over harmful + harmless train
@@ -8,34 +9,33 @@ Hugging Face model (the TransformerBridge wraps its model's modules in place). S
 - selection: bypass / induce / KL of every candidate the layer filter keeps, by tlrefusal (`score_candidates`,
   with its exact speed levers) and by NNsight running the paper's algorithm (3 full passes per candidate),
   both scoring tlrefusal's candidate directions, so the scores compare one to one;
-- generation: greedy completions of held-out harmful and harmless prompts (the splits' test sets) under no
-  intervention, ablation of the chosen direction, and activation addition (-r on harmful, +r on harmless, at
-  the chosen layer), by all three sides; plain PyTorch with no intervention is `generate` without hooks.
+- generation: greedy completions of held-out harmful and harmless prompts (the splits' test sets) under the
+  intervention table (`tlrefusal.interventions`: no intervention, ablation of the chosen direction, and
+  activation addition, -r on harmful and +r on harmless, at the chosen layer), by all three sides; plain
+  PyTorch with no intervention is `generate` without hooks.
 
 Fidelity: cosine and max |difference| of the candidate directions; max |difference| of every score; the
 (position, layer) the paper's filters choose; identical completions per intervention, and for each one that
 differs, how close to a tie the greedy choice was where they part. Cost: seconds, prompt passes and FLOPs
 (counted by torch's FlopCounterMode) per step. Results: JSON under benchmarks/results/.
 
-    python benchmarks/bench_nnsight.py                       # the refusing organism (built if absent), paper sizes
-    python benchmarks/bench_nnsight.py --model demo --prune 0.8 --out benchmarks/results/nnsight_demo.json
-    python benchmarks/bench_nnsight.py --model PATH --n-train 16 --n-val 8 --prune 0.8 --out /tmp/b.json
+    python benchmarks/bench_nnsight.py --paper-data DIR     # the refusing organism (built if absent), paper sizes
+    python benchmarks/bench_nnsight.py --paper-data DIR --model smollm2 --prune 0.8 --out benchmarks/results/nnsight_demo.json
+    python benchmarks/bench_nnsight.py --paper-data DIR --model PATH --n-train 16 --n-val 8 --prune 0.8 --out /tmp/b.json
 """
 import argparse
 import json
 import math
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from paper_data import add_paper_data_flag, splits_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLITS = ROOT.parent / "shared" / "data" / "datasets" / "splits"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def timed(fn, repeats: int) -> tuple[object, float, list[float]]:
@@ -55,22 +55,11 @@ def counted(fn) -> tuple[object, int]:
     return result, counter.get_total_flops()
 
 
-def resolve(spec: str):
-    """The model to benchmark: "organism" is the refusing organism of the default recipe (built if absent)."""
-    from tlrefusal.model import resolve_source
-
-    if spec != "organism":
-        return resolve_source(spec)
-    from tlrefusal.organism import OrganismRecipe, build_organism
-
-    folder, _ = build_organism(OrganismRecipe())
-    return resolve_source(str(folder))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="organism", help='"organism" (default), "demo", or a model folder')
-    parser.add_argument("--splits", type=Path, default=SPLITS)
+    parser.add_argument("--model", default="organism", help='a built-in model ("organism", the default: built if '
+                                                            'absent; "smollm2") or a model folder')
+    add_paper_data_flag(parser)
     parser.add_argument("--n-train", type=int, default=128)
     parser.add_argument("--n-val", type=int, default=32)
     parser.add_argument("--prune", type=float, default=0.2, help="prune_layer_fraction (paper 0.2; higher = "
@@ -83,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nnsight_organism.json")
     args = parser.parse_args(argv)
+    splits = splits_dir(args.paper_data)
 
     from reference_steps import NNsightSteps, PlainSteps
     from transformers import AutoModelForCausalLM
@@ -91,14 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
     from tlrefusal.activations import candidate_directions, mean_activations
     from tlrefusal.chat import ChatFormat, refusal_phrases_for
     from tlrefusal.data import load_prompts, sample_splits
-    from tlrefusal.model import load_model
+    from tlrefusal.model import load_model, resolve_source
     from tlrefusal.selection import SelectionConfig, choose, score_candidates
 
-    source = resolve(args.model)
+    source = resolve_source(args.model)
     model = load_model(source)
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     refusal_ids = chat.refusal_token_ids(refusal_phrases_for(model.model_type))
-    pools = {name: load_prompts(str(args.splits / f"{name}.json"))
+    pools = {name: load_prompts(str(splits / f"{name}.json"))
              for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test",
                           "harmless_test")}
     splits = sample_splits(pools["harmful_train"], pools["harmless_train"], args.n_train, args.n_val,
@@ -244,27 +234,24 @@ def generation_direction(chat, scores, chosen, n_layers: int, prune: float) -> t
     return chat.positions.index(chosen.position), chosen.layer, why
 
 
-INTERVENTIONS = ("baseline", "ablation", "actadd")
+def _reference_setup(intervention, r: torch.Tensor, layer: int) -> dict:
+    """A row of the intervention table as the reference sides take it: (ablate, add, layer, coeff) keywords.
 
-
-def _setup(intervention: str, label: str, r: torch.Tensor, layer: int) -> dict:
-    """The intervention as (ablate, add, layer, coeff): actadd subtracts r on harmful prompts, adds it on harmless."""
-    if intervention == "ablation":
+    The coefficient comes from the row, so that `tlrefusal.interventions.intervention_table` stays the one
+    place the signs are set."""
+    if intervention.kind == "ablation":
         return {"ablate": r}
-    if intervention == "actadd":
-        return {"add": r, "layer": layer, "coeff": -1.0 if label == "harmful" else 1.0}
+    if intervention.kind == "actadd":
+        return {"add": r, "layer": layer, "coeff": intervention.coeff}
     return {}
 
 
-def _tlrefusal_generate(model, chat, prompts, n_tokens, ablate=None, add=None, layer=0, coeff=1.0, batch_size=32):
-    """tlrefusal's side: the bridge's KV-cached generate under its hooks, forced to `n_tokens` new tokens."""
-    from hooks import ablation_hooks, addition_hooks
+def _tlrefusal_generate(model, chat, prompts, n_tokens, hooks, batch_size=32):
+    """tlrefusal's side: the bridge's KV-cached generate under the row's hooks, forced to `n_tokens` new tokens."""
     from tlrefusal.activations import batches
 
-    hooks = (ablation_hooks(ablate, model.n_layers) if ablate is not None else []) + (
-        addition_hooks(add, layer, coeff) if add is not None else [])
     out = []
-    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=hooks):
+    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=list(hooks)):
         for batch in batches(prompts, batch_size):
             ids, mask = chat.encode(batch)
             tokens = model.bridge.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
@@ -273,8 +260,13 @@ def _tlrefusal_generate(model, chat, prompts, n_tokens, ablate=None, add=None, l
     return out
 
 
+def _first_difference(ours: list[int], theirs: list[int]) -> int:
+    return next((j for j, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
+
+
 def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens: int) -> dict:
-    """Greedy completions under each intervention by every side: speed, refusal, and identical completions.
+    """Greedy completions under each row of the intervention table by every side: speed, refusal, and
+    identical completions.
 
     Every side generates exactly `n_tokens` per prompt (no early stop), so tokens/s compare; replies are
     cut at the first stop token (EOS or the template's end of turn) before they are compared or judged.
@@ -283,31 +275,36 @@ def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens
     frameworks, a large gap would be a bug.
     """
     from tlrefusal.generation import until_stop
-    from tlrefusal.scoring import is_refusal
+    from tlrefusal.interventions import intervention_table
+    from tlrefusal.refusal import judge_replies
 
+    table = intervention_table(r, layer, model.n_layers)  # the paper's signs: -r on harmful, +r on harmless
     stops = chat.stop_ids
     plain = next(o for o in others if o.name == "plain torch")
-    sides = {"tlrefusal": lambda ps, **kw: _tlrefusal_generate(model, chat, ps, n_tokens, **kw)}
-    sides |= {o.name: (lambda ps, o=o, **kw: o.generate(ps, n_tokens, **kw)) for o in others}
+    sides = {"tlrefusal": lambda ps, iv: _tlrefusal_generate(model, chat, ps, n_tokens, iv.hooks)}
+    sides |= {o.name: (lambda ps, iv, o=o: o.generate(ps, n_tokens, **_reference_setup(iv, r, layer)))
+              for o in others}
     for run in sides.values():  # warm-up
-        run(prompts["harmful"][:2], ablate=r)
+        run(prompts["harmful"][:2], table.by_kind("harmful", "ablation"))
     report: dict = {"prompts_per_label": {k: len(v) for k, v in prompts.items()}, "new_tokens_each": n_tokens,
                     "interventions": {}}
     baseline: dict = {}
-    for intervention in INTERVENTIONS:
+    for kind in (iv.kind for iv in table.harmful):
+        rows = {label: table.by_kind(label, kind) for label in prompts}
         entry: dict = {"seconds": {}, "tokens_per_second": {}, "refusal": {}, "changed_from_baseline": {},
                        "vs_tlrefusal": {}}
         replies: dict = {name: {} for name in sides}
         for name, run in sides.items():
             started = time.perf_counter()
             for label, batch in prompts.items():
-                replies[name][label] = [until_stop(t, stops) for t in run(batch, **_setup(intervention, label, r, layer))]
+                replies[name][label] = [until_stop(t, stops) for t in run(batch, rows[label])]
             entry["seconds"][name] = time.perf_counter() - started
             entry["tokens_per_second"][name] = sum(map(len, prompts.values())) * n_tokens / entry["seconds"][name]
             entry["refusal"][name] = {
-                label: sum(is_refusal(chat.tokenizer.decode(t, skip_special_tokens=True)) for t in rows) / len(rows)
-                for label, rows in replies[name].items()}
-            if intervention == "baseline":
+                label: judge_replies(prompts[label], [chat.tokenizer.decode(t, skip_special_tokens=True)
+                                                      for t in tokens]).rate
+                for label, tokens in replies[name].items()}
+            if kind == "baseline":
                 baseline[name] = replies[name]
             entry["changed_from_baseline"][name] = sum(
                 a != b for label in prompts for a, b in zip(replies[name][label], baseline[name][label], strict=True))
@@ -320,12 +317,11 @@ def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens
                     if ours == theirs:
                         continue
                     differ += 1
-                    k = next((j for j, (a, b) in enumerate(zip(ours, theirs, strict=False))
-                              if a != b), min(len(ours), len(theirs)))
-                    gaps.append(plain.top2_gap(prompt, ours[:k], **_setup(intervention, label, r, layer)))
+                    k = _first_difference(ours, theirs)
+                    gaps.append(plain.top2_gap(prompt, ours[:k], **_reference_setup(rows[label], r, layer)))
             entry["vs_tlrefusal"][name] = {"identical": sum(map(len, prompts.values())) - differ, "differ": differ,
                                            "top2_logit_gap_where_they_part": gaps}
-        report["interventions"][intervention] = entry
+        report["interventions"][kind] = entry
     tps = {name: report["interventions"]["ablation"]["tokens_per_second"][name] for name in sides}
     floor = report["interventions"]["baseline"]["tokens_per_second"]["plain torch"]  # generate, no hooks
     report["ablation_tokens_per_second_over_plain_generate"] = {name: v / floor for name, v in tps.items()}

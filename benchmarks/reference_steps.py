@@ -1,6 +1,7 @@
 """The extract steps written twice more, for the benchmarks: through NNsight 0.8 and through plain PyTorch.
 
-Both run the paper's algorithm as the NNsight replication does (SPEC 1.4-1.6): per candidate, one
+Both run the paper's algorithm as the NNsight replication does (the paper's section 2.3 and
+Appendix C): per candidate, one
 ablated pass over the harmful validation prompts, one over the harmless ones, and one activation-addition
 pass over the harmless ones, each a full forward pass with the full-sequence unembedding; no prompt prefix
 is shared. They use tlrefusal's pure tensor math (`hooks.ops`, `tlrefusal.scoring`) and its tokenization
@@ -11,7 +12,7 @@ see the same positions on every side.
 - NNsight: `TransformersModel` (text generation) over a Hugging Face model; interventions by assigning a layer's
   `.input`, the attention module's `.output` tuple and the MLP's `.output` inside `model.trace(...)`.
 - Plain PyTorch: `register_forward_pre_hook` / `register_forward_hook` on the decoder layers, attention
-  and MLP modules (as ORIG does), and `output_hidden_states=True` for mean activations.
+  and MLP modules (as the original code does), and `output_hidden_states=True` for mean activations.
 
 Both also generate greedily under the same interventions (every step, every position), with Hugging Face
 `generate` underneath (NNsight: `model.generate` with the interventions in a loop over `tracer.iter`).

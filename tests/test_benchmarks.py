@@ -1,7 +1,8 @@
 """Smoke runs of the benchmarks on tiny inputs: they run end to end and write what they promise.
 
 The full benchmarks (paper sizes, the demo model, the organism build) are not CI tests; see
-benchmarks/README.md.
+benchmarks/README.md. The benchmarks that read the paper's splits get the paper's data folder as a flag
+(`--paper-data`); the tests pass the one beside the checkout and skip when it is not there.
 """
 import json
 import sys
@@ -10,8 +11,66 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SHARED
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
+PAPER_DATA = SHARED / "data"
+
+
+def paper_data_flag() -> list[str]:
+    """`--paper-data DIR` for the folder beside the checkout; skip the test when it is not there."""
+    if not (PAPER_DATA / "datasets" / "splits").is_dir():
+        pytest.skip(f"the paper's data folder {PAPER_DATA} is not here")
+    return ["--paper-data", str(PAPER_DATA)]
+
+
+def test_paper_data_dir_is_the_flag_else_the_environment_else_a_one_line_error(tmp_path, monkeypatch):
+    from paper_data import ENV, paper_data_dir, splits_dir
+
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    for folder in (flag, env):
+        (folder / "datasets" / "splits").mkdir(parents=True)
+    monkeypatch.setenv(ENV, str(env))
+    assert paper_data_dir(str(flag)) == flag
+    assert paper_data_dir(None) == env
+    assert splits_dir(None) == env / "datasets" / "splits"
+    monkeypatch.delenv(ENV)
+    with pytest.raises(SystemExit) as missing:
+        paper_data_dir(None)
+    message = str(missing.value)
+    assert "\n" not in message and "--paper-data" in message and ENV in message
+    with pytest.raises(SystemExit) as wrong:  # a folder without the splits is named in the error
+        paper_data_dir(str(tmp_path))
+    assert str(tmp_path) in str(wrong.value) and "datasets/splits" in str(wrong.value)
+
+
+def test_bench_extract_without_the_paper_data_stops_before_any_work(tiny_dirs, tmp_path, monkeypatch):
+    import bench_extract
+    from paper_data import ENV
+
+    monkeypatch.delenv(ENV, raising=False)
+    out = tmp_path / "extract.json"
+    with pytest.raises(SystemExit, match="--paper-data"):
+        bench_extract.main(["--model", str(tiny_dirs["llama"]), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_bench_nnsight_reads_the_activation_addition_signs_from_the_intervention_table():
+    pytest.importorskip("nnsight", reason="the bench extra is not installed")
+    import bench_nnsight
+
+    from tlrefusal.interventions import intervention_table
+
+    r = torch.randn(8)
+    # The paper's signs: -r on harmful prompts (a jailbreak), +r on harmless ones; "plus" adds +r on both.
+    for sign, coeffs in (("paper", {"harmful": -1.0, "harmless": 1.0}), ("plus", {"harmful": 1.0, "harmless": 1.0})):
+        table = intervention_table(r, 1, 4, actadd_sign=sign)
+        for label, coeff in coeffs.items():
+            setup = bench_nnsight._reference_setup(table.by_kind(label, "actadd"), r, 1)
+            assert setup == {"add": r, "layer": 1, "coeff": coeff}
+            assert bench_nnsight._reference_setup(table.by_kind(label, "ablation"), r, 1) == {"ablate": r}
+            assert bench_nnsight._reference_setup(table.by_kind(label, "baseline"), r, 1) == {}
 
 
 def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
@@ -19,7 +78,7 @@ def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
     import bench_nnsight
 
     out = tmp_path / "nnsight.json"
-    report = bench_nnsight.main(["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
+    report = bench_nnsight.main(paper_data_flag() + ["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
                                  "--prune", "0.5", "--repeats", "1", "--gen-prompts", "2", "--gen-tokens", "3",
                                  "--out", str(out)])
     assert json.loads(out.read_text())["benchmark"] == "nnsight"
@@ -50,14 +109,10 @@ def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
 
 
 def test_bench_extract_smoke(tiny_dirs, tmp_path):
-    from tests.conftest import SPLITS
-
-    if not SPLITS.is_dir():
-        pytest.skip(f"{SPLITS} is not here")
     import bench_extract
 
     out = tmp_path / "extract.json"
-    report = bench_extract.main(["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
+    report = bench_extract.main(paper_data_flag() + ["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
                                  "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["n_train"] == 4 and sum(report["filter_counts"].values()) > 0
