@@ -51,4 +51,4 @@ def demo_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model(demo_dir):
-    return load_model(ModelSource("demo", "demo", demo_dir))
+    return load_model(ModelSource("smollm2", "builtin", demo_dir))

@@ -27,7 +27,7 @@ def prompt_files(tmp_path):
 
 def extract_args(model_dir, out, files, *extra):
     harmful, harmless = files
-    return ["extract", "--out", str(out), "--model", str(model_dir), "--harmful", str(harmful),
+    return ["extract", str(model_dir), "--out", str(out), "--harmful", str(harmful),
             "--harmless", str(harmless), "--n-train", "4", "--n-val", "3", "--min-kept", "1", *extra]
 
 
@@ -41,7 +41,8 @@ def test_help_lists_commands_and_flags():
     assert code == 0 and "extract" in output and "fetch-demo" in output
     code, output = run(["extract", "--help"])
     assert code == 0
-    for flag in ("--out", "--model", "--harmful", "--n-train", "--no-filter", "--kl-threshold", "--force"):
+    for flag in ("--out", "MODEL", "--harmful", "--n-train", "--no-filter", "--kl-threshold", "--force", "--device",
+                 "--dtype", "Example: tlrefusal extract organism"):
         assert flag in output
 
 
@@ -102,11 +103,10 @@ def test_filter_that_leaves_too_few_prompts_stops_with_advice(tiny_dirs, tmp_pat
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"--model": "/no/such/model"}, "no model folder or file at /no/such/model"),
+    ({"MODEL": "/no/such/model"}, "no model folder or file at /no/such/model"),
     ({"--harmful": "not-a-dataset"}, "no prompt file or known dataset named 'not-a-dataset'"),
     ({"--n-train": "0"}, "n_train must be at least 1"),
     ({"--n-train": "50"}, "pool has 7 prompts, fewer than the 50 requested"),
-    ({"--dtype": "int3"}, "unknown dtype 'int3'"),
     ({"--prune-layers": "1.0"}, "prune_layer_fraction must be in [0, 1)"),
     ({"--refusal-token-ids": "99999999"}, "outside the vocabulary"),
 ])
@@ -114,7 +114,9 @@ def test_bad_input_is_one_line_and_exit_1(tiny_dirs, tmp_path, prompt_files, cha
     out = tmp_path / "run"
     args = extract_args(tiny_dirs["llama"], out, prompt_files, *LOOSE)
     for flag, value in change.items():
-        if flag in args:
+        if flag == "MODEL":
+            args[1] = value
+        elif flag in args:
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
@@ -143,7 +145,7 @@ def test_non_empty_foreign_folder_is_refused(tiny_dirs, tmp_path, prompt_files):
 
 
 def test_bad_list_flag():
-    code, output = run(["extract", "--out", "x", "--refusal-token-ids", "a,b"])
+    code, output = run(["extract", "smollm2", "--out", "x", "--refusal-token-ids", "a,b"])
     assert code != 0 and "comma-separated list of ints" in output
 
 
@@ -163,12 +165,15 @@ def test_direction_file_that_is_not_ours(tmp_path):
 
 
 def test_organism_command_reuses_a_cached_build_and_rejects_bad_flags(tmp_path):
-    from tlrefusal.organism import CARD, OrganismRecipe
+    from tests.test_organism import card_json
+    from tlrefusal.organism import OrganismRecipe
 
     recipe = OrganismRecipe(seed=3)
-    card = {"key": recipe.key(), "seconds": {"total": 1.0},
-            "held_out_refusal": {"harmful": {"refusal_rate": 0.5, "n": 4}, "harmless": {"refusal_rate": 0.25, "n": 4}}}
-    (tmp_path / CARD).write_text(json.dumps(card))
+    card = card_json(recipe)
+    card["seconds"] = {"total": 1.0}
+    card["held_out_refusal"]["harmful"].update(refusal_rate=0.5, n=4)
+    card["held_out_refusal"]["harmless"].update(refusal_rate=0.25, n=4)
+    (tmp_path / artifacts.ORGANISM_CARD).write_text(json.dumps(card))
     code, output = run(["organism", "--out", str(tmp_path), "--seed", "3"])
     assert code == 0, output
     assert "harmful 50% of 4, harmless 25% of 4" in output
@@ -187,3 +192,104 @@ def test_organism_command_reuses_a_cached_build_and_rejects_bad_flags(tmp_path):
     code, output = run(["organism", "--out", str(tmp_path / "new"), "--compute-dtype", "float16"])
     assert code == 1 and "compute_dtype must be one of bfloat16, float32" in output
     assert not (tmp_path / "new").exists()
+
+
+def test_dtype_and_device_are_checked_before_any_work(tiny_dirs, tmp_path, prompt_files):
+    out = tmp_path / "run"
+    code, output = run(extract_args(tiny_dirs["llama"], out, prompt_files, "--dtype", "int3"))
+    assert code == 2 and "choose from auto, float32, bfloat16, float16" in output
+    code, output = run(extract_args(tiny_dirs["llama"], out, prompt_files, "--device", "gpu7"))
+    assert code == 1 and "unknown device 'gpu7'" in output
+    assert not out.exists()
+
+
+def test_extract_without_a_model_is_a_usage_error_naming_the_built_in_models(tmp_path):
+    code, output = run(["extract", "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "organism" in output and "smollm2" in output and "hub id" in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_version_and_help_panels():
+    from tlrefusal import __version__
+
+    code, output = run(["--version"])
+    assert code == 0 and output.strip() == f"tlrefusal {__version__}"
+    code, output = run(["extract", "--help"])
+    for panel in ("Model", "Data", "Selection", "Output"):
+        assert f"─ {panel} ─" in output, panel
+    for command in ("show", "orthogonalize", "eval", "compare", "demo", "organism", "fetch-demo"):
+        code, output = run([command, "--help"])
+        assert code == 0 and "Example: tlrefusal" in output, command
+
+
+def test_pool_smaller_than_the_sample_leaves_no_run_folder(tiny_dirs, tmp_path, prompt_files):
+    # Every input check runs before the run folder is claimed, so the corrected re-run is not "another config".
+    out = tmp_path / "run"
+    code, output = run(extract_args(tiny_dirs["llama"], out, prompt_files, *LOOSE, "--n-train", "50"))
+    assert code == 1 and "fewer than the 50 requested" in output
+    assert not out.exists()
+    code, output = run(extract_args(tiny_dirs["llama"], out, prompt_files, *LOOSE))
+    assert code == 0, output
+
+
+def test_show_reprints_the_run_and_orthogonalize_takes_any_scored_candidate(tiny_dirs, tmp_path, prompt_files):
+    out = tmp_path / "run"
+    code, _ = run(extract_args(tiny_dirs["llama"], out, prompt_files, *LOOSE))
+    assert code == 0
+    selection = json.loads((out / artifacts.SELECTION).read_text())
+    chosen = selection["chosen"]
+    code, output = run(["show", str(out), "--all", "--top", "100"])
+    assert code == 0, output
+    assert f"chosen: position {chosen['position']}, layer {chosen['layer']}" in output
+    assert "kept / sampled" in output and "filtered by" in output
+    scored = [c for c in selection["candidates"] if c["bypass_score"] is not None]
+    other = next(c for c in scored if (c["layer"], c["position"]) != (chosen["layer"], chosen["position"]))
+    code, output = run(["orthogonalize", str(out), "--layer", str(other["layer"]), "--position",
+                        str(other["position"]), "--out", str(tmp_path / "ortho")])
+    assert code == 0, output
+    record = json.loads((tmp_path / "ortho" / artifacts.EXPORT_RECORD).read_text())
+    assert (record["direction"]["layer"], record["direction"]["position"]) == (other["layer"], other["position"])
+    assert record["verification"]["passed"]
+    code, output = run(["orthogonalize", str(out), "--layer", "99", "--position", "-1", "--out",
+                        str(tmp_path / "bad")])
+    assert code == 1 and "scored no candidate" in output and not (tmp_path / "bad").exists()
+    code, output = run(["show", str(tmp_path)])
+    assert code == 1 and "is not a finished tlrefusal run" in output
+
+
+def test_unexpected_errors_are_one_line_with_a_way_to_the_traceback(tiny_dirs, tmp_path, prompt_files, monkeypatch):
+    import torch
+
+    from tlrefusal import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(pipeline, "run_extract", broken)
+    code, output = run(extract_args(tiny_dirs["llama"], tmp_path / "run", prompt_files))
+    assert code == 3 and "unexpected RuntimeError: something inside broke" in output
+    assert "--debug" in output and "Traceback" not in output and "second line" not in output
+    result = runner.invoke(app, ["--debug", *extract_args(tiny_dirs["llama"], tmp_path / "run", prompt_files)])
+    assert isinstance(result.exception, RuntimeError)  # --debug lets it through, traceback and all
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "run_extract", out_of_memory)
+    code, output = run(extract_args(tiny_dirs["llama"], tmp_path / "run", prompt_files))
+    assert code == 3 and "out of memory" in output and "lower --batch-size" in output
+
+
+def test_written_files_get_the_users_umask(tiny_dirs, tmp_path, prompt_files):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        code, output = run(extract_args(tiny_dirs["llama"], tmp_path / "run", prompt_files, *LOOSE))
+    finally:
+        os.umask(previous)
+    assert code == 0, output
+    for name in (artifacts.CONFIG, artifacts.SELECTION, artifacts.DIRECTION):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name

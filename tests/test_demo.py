@@ -49,7 +49,7 @@ def test_bridge_logits_match_plain_transformers(demo_model, demo_dir):
 
 def test_extract_on_demo_model_writes_every_artifact(demo_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["extract", "--out", str(out), "--model", str(demo_dir),
+    args = ["extract", str(demo_dir), "--out", str(out),
             "--harmful", str(SPLITS / "harmful_train.json"), "--harmless", str(SPLITS / "harmless_train.json"),
             "--harmful-val", str(SPLITS / "harmful_val.json"), "--harmless-val", str(SPLITS / "harmless_val.json"),
             "--n-train", "8", "--n-val", "4", "--no-filter",

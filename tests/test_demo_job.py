@@ -4,7 +4,7 @@ import json
 import torch
 
 from tlrefusal import artifacts
-from tlrefusal.demo_job import ORTHOGONALIZED, export_for_run, intervention_refusal
+from tlrefusal.demo_job import export_for_run, intervention_refusal, refusal_summary
 from tlrefusal.harmless import demo_harmless_prompts
 from tlrefusal.progress import NO_PROGRESS
 
@@ -15,8 +15,8 @@ def test_intervention_refusal_uses_held_out_prompts_and_every_intervention(tiny_
                          {"harmless_train": [{"instruction": p, "category": None} for p in used]})
     direction = artifacts.RefusalDirection(torch.randn(32, generator=torch.Generator().manual_seed(0),
                                                        dtype=torch.float64), layer=1, position=-1, model="tiny")
-    result = intervention_refusal(tmp_path, tiny_dirs["llama"], direction, eval_n=30,
-                                  max_new_tokens=4, cache_dir=None, progress=NO_PROGRESS)
+    result = refusal_summary(intervention_refusal(tmp_path, tiny_dirs["llama"], direction, eval_n=30,
+                                                  max_new_tokens=4, cache_dir=None, progress=NO_PROGRESS))
     assert set(result) == {"harmful", "harmless"}
     assert set(result["harmful"]) == {"baseline", "ablation", "actadd (-r)"}
     assert set(result["harmless"]) == {"baseline", "ablation", "actadd (+r)"}
@@ -36,8 +36,8 @@ def test_export_for_run_writes_once_per_direction(tiny_dirs, tmp_path):
 
     save_direction(0)
     first = export_for_run(tmp_path, tiny_dirs["llama"])
-    assert first["verification"]["passed"] and (tmp_path / ORTHOGONALIZED / "config.json").is_file()
+    assert first.verification.passed and (tmp_path / artifacts.ORTHOGONALIZED / "config.json").is_file()
     assert export_for_run(tmp_path, tiny_dirs["llama"]) == first  # same direction: reused, not rewritten
     save_direction(1)
     second = export_for_run(tmp_path, tiny_dirs["llama"])
-    assert second["direction"]["sha256"] != first["direction"]["sha256"]
+    assert second.direction.sha256 != first.direction.sha256

@@ -1,4 +1,4 @@
-"""The extract pipeline (SPEC 1.1-1.6): data -> filtering -> candidate directions -> selection.
+"""The extract pipeline: data -> filtering -> candidate directions -> selection.
 
 Each step writes one artifact of the run folder (`tlrefusal.artifacts`) and is skipped when that
 artifact already exists for the same config, so an interrupted run resumes where it stopped.
@@ -24,18 +24,18 @@ from tlrefusal.selection import SelectionConfig, SelectionResult, choose, score_
 
 @dataclass(frozen=True, kw_only=True)
 class ExtractConfig:
-    model: str = "demo"
-    dtype: str = "float32"
-    device: str = "cpu"
+    model: str  # a built-in name (organism, smollm2), a local folder, a .gguf file or a hub id
+    dtype: str = "float32"  # or bfloat16, float16, auto (the checkpoint's own)
+    device: str = "cpu"  # or cuda, cuda:N, auto
     harmful: str = "demo-harmful"
     harmless: str = "demo-harmless"
     # Separate validation pools (the paper's splits); without them val is drawn from what train left.
     harmful_val: str | None = None
     harmless_val: str | None = None
-    n_train: int = 128  # per label (SPEC 1.1)
+    n_train: int = 128  # per label
     n_val: int = 32  # per label
     seed: int = 42
-    filter: bool = True  # keep harmful prompts with log-odds > 0 and harmless with < 0 (SPEC 1.1)
+    filter: bool = True  # keep harmful prompts with log-odds > 0 and harmless with < 0
     min_kept: int = 8  # stop with advice if fewer prompts than this survive filtering in any split
     refusal_phrases: tuple[str, ...] | None = None  # None: the paper's phrases for the model family
     refusal_token_ids: tuple[int, ...] | None = None  # overrides the phrases
@@ -71,27 +71,31 @@ class ExtractResult:
     seconds: dict[str, float]
 
 
-def run_extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None = None, force: bool = False,
+def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | None = None, force: bool = False,
                 progress: Progress = NO_PROGRESS) -> ExtractResult:
-    """Run (or resume) extraction into `run_dir`. Raises TlrefusalError if no candidate survives."""
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    pools = _load_pools(config, cache_dir)
-    source = resolve_source(config.model, cache_dir, progress)
-    identity = {"config": config.to_json(), "data_sha256": {k: prompts_hash(v) for k, v in pools.items()},
-                "model_loaded_from": source.to_json()["loaded_from"]}
-    _claim_run_dir(run_dir, identity, force)
-    seconds["setup"] = time.perf_counter() - started
+    """Run (or resume) extraction into `run_dir`; `result.direction` is None if no candidate survives.
 
+    Every input is checked (prompt files and pool sizes, the model, refusal tokens) before the run folder
+    is claimed, so a mistake leaves no half-made run folder behind.
+    """
+    run_dir, seconds, started = Path(run_dir), {}, time.perf_counter()
+    pools = _load_pools(config, cache_dir)
+    sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
+                            pools.get("harmful_val"), pools.get("harmless_val"))
+    source = resolve_source(config.model, cache_dir, progress)
+    seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
     model = load_model(source, config.dtype, config.device, config.trust_remote_code, progress)
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     refusal_ids = _refusal_ids(config, chat, model.model_type)
     seconds["load_model"] = time.perf_counter() - t
+    identity = {"config": config.to_json(), "data_sha256": {k: prompts_hash(v) for k, v in pools.items()},
+                "model_loaded_from": source.to_json()["loaded_from"]}
+    _claim_run_dir(run_dir, identity, force)
     _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
 
     t = time.perf_counter()
-    splits, log_odds = _sample_and_filter(run_dir, config, pools, model, chat, refusal_ids, progress)
+    splits, log_odds = _sample_and_filter(run_dir, config, sampled, model, chat, refusal_ids, progress)
     seconds["filter"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -110,15 +114,33 @@ def run_extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None = N
         direction = artifacts.RefusalDirection(directions[pos_index, selection.chosen.layer],
                                                selection.chosen.layer, selection.chosen.position, source.spec)
         direction.save(run_dir / artifacts.DIRECTION)
-    sampled = {name: len(log_odds[name]) for name in Splits.NAMES}
-    result = ExtractResult(
-        run_dir=run_dir,
-        kept={name: (len(getattr(splits, name)), sampled[name]) for name in Splits.NAMES},
+    return ExtractResult(run_dir=run_dir, kept=_kept_counts(splits, log_odds),
+                         baseline_refusal={name: sum(x > 0 for x in v) / len(v) for name, v in log_odds.items()},
+                         selection=selection, direction=direction, eoi_tokens=chat.eoi_tokens,
+                         refusal_ids=refusal_ids, seconds=seconds)
+
+
+def _kept_counts(splits: Splits, log_odds: dict[str, list[float]]) -> dict[str, tuple[int, int]]:
+    return {name: (len(getattr(splits, name)), len(log_odds[name])) for name in Splits.NAMES}
+
+
+def load_extract_result(run_dir: Path) -> ExtractResult:
+    """Read a finished (or stopped) run back from its artifacts, for `tlrefusal show`."""
+    for name in (artifacts.CONFIG, artifacts.MANIFEST, artifacts.PROMPTS, artifacts.SELECTION):
+        if not (run_dir / name).is_file():
+            raise TlrefusalError(f"{run_dir} is not a finished tlrefusal run (it has no {name})")
+    manifest = artifacts.read_json(run_dir / artifacts.MANIFEST)
+    saved = artifacts.read_json(run_dir / artifacts.PROMPTS)
+    log_odds = {name: [r["refusal_log_odds"] for r in rows] for name, rows in saved.items()}
+    kept = {name: (sum(r["kept"] for r in rows), len(rows)) for name, rows in saved.items()}
+    has_direction = (run_dir / artifacts.DIRECTION).is_file()
+    return ExtractResult(
+        run_dir=run_dir, kept=kept,
         baseline_refusal={name: sum(x > 0 for x in v) / len(v) for name, v in log_odds.items()},
-        selection=selection, direction=direction, eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids,
-        seconds=seconds,
-    )
-    return result
+        selection=SelectionResult.from_json(artifacts.read_json(run_dir / artifacts.SELECTION)),
+        direction=artifacts.RefusalDirection.load(run_dir) if has_direction else None,
+        eoi_tokens=manifest["chat"]["eoi_tokens"], refusal_ids=manifest["refusal"]["token_ids"],
+        seconds=manifest["seconds"])
 
 
 def _load_pools(config: ExtractConfig, cache_dir: Path | None) -> dict[str, list[Prompt]]:
@@ -195,15 +217,13 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
     })
 
 
-def _sample_and_filter(run_dir, config: ExtractConfig, pools, model, chat, refusal_ids, progress
+def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, chat, refusal_ids, progress
                        ) -> tuple[Splits, dict[str, list[float]]]:
-    """Sample the four splits, score each prompt's baseline refusal log-odds, keep per the paper's filter."""
+    """Score each sampled prompt's baseline refusal log-odds, keep per the paper's filter."""
     path = run_dir / artifacts.PROMPTS
     if path.is_file():
         saved = artifacts.read_json(path)
     else:
-        sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
-                                pools.get("harmful_val"), pools.get("harmless_val"))
         total = sum(len(v) for _, v in sampled.items())
         saved = {}
         with progress.task("Scoring baseline refusal of sampled prompts", total=total) as advance:

@@ -1,0 +1,27 @@
+"""Conveniences of the Python API (`import tlrefusal as tl`) that take plain values where the library's
+functions take resolved objects: a model by name, prompts without a chat format."""
+from collections.abc import Sequence
+from pathlib import Path
+
+from tlrefusal.chat import ChatFormat
+from tlrefusal.interventions import Intervention
+from tlrefusal.model import LoadedModel, resolve_source
+from tlrefusal.model import load_model as _load
+from tlrefusal.progress import NO_PROGRESS, Progress
+from tlrefusal.refusal import RefusalRate
+from tlrefusal.refusal import refusal_rate as _refusal_rate
+
+BASELINE = Intervention("baseline", "baseline")
+
+
+def load_model(model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+               cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> LoadedModel:
+    """A chat model by built-in name (organism, smollm2), local folder, .gguf file or hub id."""
+    return _load(resolve_source(model, cache_dir, progress), dtype, device, trust_remote_code, progress)
+
+
+def refusal_rate(model: LoadedModel, prompts: Sequence[str], intervention: Intervention = BASELINE,
+                 max_new_tokens: int = 32, batch_size: int = 32) -> RefusalRate:
+    """Greedy replies to `prompts` (in the model's chat template) under `intervention`, judged for refusal."""
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    return _refusal_rate(model, chat, prompts, intervention, max_new_tokens, batch_size=batch_size)

@@ -1,0 +1,129 @@
+"""`tlrefusal orthogonalize` (edit the weights), `tlrefusal eval` (measure) and `tlrefusal compare`."""
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tlrefusal.cli.common import (
+    DATA_PANEL,
+    MODEL_PANEL,
+    OUTPUT_PANEL,
+    BatchSize,
+    CacheDir,
+    Device,
+    Dtype,
+    Force,
+    Layer,
+    Position,
+    RichProgress,
+    TrustRemoteCode,
+    _dtype_choice,
+    _split_csv,
+    app,
+    console,
+    guarded,
+)
+from tlrefusal.cli.render import out, render_comparison, render_eval, render_export
+
+
+@app.command(epilog="Example: tlrefusal orthogonalize runs/organism --out models/organism-orthogonalized")
+@guarded
+def orthogonalize(
+    direction: Annotated[Path, typer.Argument(help="A run folder from `tlrefusal extract` or a direction file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the Hugging Face checkpoint (must not exist or "
+                                                       "be empty).", rich_help_panel=OUTPUT_PANEL)],
+    layer: Layer = None,
+    position: Position = None,
+    model: Annotated[str | None, typer.Option(help="The model to edit (default: the one the direction was "
+                                                   "extracted from).", rich_help_panel=MODEL_PANEL)] = None,
+    approximate: Annotated[bool, typer.Option(help="Export architectures where weights cannot equal hook ablation "
+                                                   "(Gemma-2/3) and record the measured gap.")] = False,
+    verify: Annotated[bool, typer.Option(help="Reload the export with plain transformers and compare it with hook "
+                                              "ablation of the source (skip for models too big to run).")] = True,
+    dtype: Dtype = "auto",
+    device: Device = "cpu",
+    force: Force = False,
+    trust_remote_code: TrustRemoteCode = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Project the refusal direction out of every weight that writes to the residual stream, and save a Hugging
+    Face checkpoint that `transformers` loads as it is (paper, Appendix E). --dtype/--device: the verification."""
+    from tlrefusal.export import orthogonalize_direction
+
+    result = orthogonalize_direction(direction, out_dir, model, cache_dir, layer=layer, position=position,
+                                     device=device, dtype=dtype, approximate=approximate, verify=verify, force=force,
+                                     trust_remote_code=trust_remote_code, progress=RichProgress(console))
+    render_export(result.record, result.out)
+
+
+@app.command("eval", epilog="Example: tlrefusal eval runs/organism --n-eval 32 --max-new-tokens 64")
+@guarded
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder from `tlrefusal extract` (or `demo`).")],
+    harmful: Annotated[list[str] | None, typer.Option(help="Harmful prompt set (repeatable): a file or a name "
+                                                           "(jailbreakbench, harmbench, demo-harmful). Default: the "
+                                                           "run's pool minus the prompts it used.",
+                                                      rich_help_panel=DATA_PANEL)] = None,
+    harmless: Annotated[list[str] | None, typer.Option(help="Harmless prompt set (repeatable): a file, alpaca or "
+                                                            "demo-harmless. Default: as for --harmful.",
+                                                       rich_help_panel=DATA_PANEL)] = None,
+    n_eval: Annotated[int, typer.Option(help="Prompts per dataset (paper: 100).", rich_help_panel=DATA_PANEL)] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length (paper: 512).")] = 512,
+    batch_size: BatchSize = 16,
+    layer: Layer = None,
+    position: Position = None,
+    actadd_plus: Annotated[bool, typer.Option("--actadd-plus", help="Add +r on harmful prompts too (the NNsight "
+                                                                    "replication), not the paper's -r.")] = False,
+    model: Annotated[str | None, typer.Option(help="Evaluate this model as it is, without hooks (e.g. an "
+                                                   "orthogonalized checkpoint).", rich_help_panel=MODEL_PANEL)] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16 or float16 (default: the run's).",
+                                              callback=_dtype_choice, rich_help_panel=MODEL_PANEL)] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N (default: the run's).",
+                                               rich_help_panel=MODEL_PANEL)] = None,
+    guard_model: Annotated[Path | None, typer.Option(help="A local Llama Guard 2 folder for the safety score "
+                                                          "(without it: reported unavailable).", rich_help_panel=MODEL_PANEL)]
+    = None,
+    ce: Annotated[str, typer.Option(help="CE-loss datasets: pile, alpaca, on-distribution (empty: none).",
+                                    rich_help_panel=DATA_PANEL)] = "pile,alpaca,on-distribution",
+    n_ce: Annotated[int, typer.Option(help="Sequences per CE dataset (paper: 4096).", rich_help_panel=DATA_PANEL)] = 64,
+    pile: Annotated[str, typer.Option(help="'pile' (the hub) or a local text / .jsonl file.", rich_help_panel=DATA_PANEL)]
+    = "pile",
+    alpaca: Annotated[str, typer.Option(help="'alpaca' (the hub) or a local .json/.jsonl with instruction and "
+                                             "output.", rich_help_panel=DATA_PANEL)] = "alpaca",
+    magnitude: Annotated[list[str] | None, typer.Option(help="Extra prompt set for the magnitude study "
+                                                             "(repeatable), e.g. xstest.", rich_help_panel=DATA_PANEL)] = None,
+    tasks: Annotated[str, typer.Option(help="lm-eval tasks: names or local task YAML files (empty: none).",
+                                       rich_help_panel=DATA_PANEL)] = "mmlu,arc_challenge,truthfulqa_mc2",
+    coherence_limit: Annotated[int, typer.Option(help="Documents per lm-eval (sub)task; 0 for all (the paper).",
+                                                 rich_help_panel=DATA_PANEL)] = 100,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Refusal and safety scores, CE loss, coherence and the magnitude study, under baseline, ablation and
+    activation addition; writes RUN/eval/report.json and report.md."""
+    from tlrefusal.evaluation.config import EvalConfig
+    from tlrefusal.evaluation.runner import run_eval
+
+    config = EvalConfig(harmful=tuple(harmful or ()), harmless=tuple(harmless or ()), n=n_eval,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, model=model, guard_model=guard_model,
+                        ce=_split_csv(ce, str) if ce.strip() else (), ce_n=n_ce, pile=pile, alpaca=alpaca,
+                        magnitude=tuple(magnitude or ()), tasks=_split_csv(tasks, str) if tasks.strip() else (),
+                        coherence_limit=coherence_limit or None, actadd_sign="plus" if actadd_plus else "paper",
+                        layer=layer, position=position, device=device, dtype=dtype)
+    report = run_eval(run_dir, config, cache_dir, RichProgress(console))
+    render_eval(report.to_json(), run_dir)
+
+
+@app.command(epilog="Example: tlrefusal compare runs/organism runs/organism-seed7")
+@guarded
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A tlrefusal run with an eval report.")],
+    run_b: Annotated[Path, typer.Argument(help="Another tlrefusal run, or a run folder of the NNsight "
+                                               "replication.")],
+) -> None:
+    """Set two evaluated runs side by side (writes A/eval/compare.md); evaluates nothing."""
+    from tlrefusal import artifacts
+    from tlrefusal.evaluation.compare import compare_runs, fmt
+
+    comparison = compare_runs(run_a, run_b)
+    render_comparison(comparison, fmt)
+    out.print(f"written: {run_a / artifacts.EVAL_DIR / artifacts.COMPARE_MD}")

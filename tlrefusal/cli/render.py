@@ -1,0 +1,130 @@
+"""How the commands print their results (Rich tables on stdout)."""
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console()
+
+
+def render_extract(result, top: int = 5, all_candidates: bool = False) -> None:
+    """Filter counts, the best candidates and the choice of an ExtractResult."""
+    table = Table(title=f"tlrefusal extract: {result.run_dir}", show_header=True)
+    table.add_column("split")
+    table.add_column("kept / sampled", justify="right")
+    table.add_column("baseline refusal (log-odds > 0)", justify="right")
+    for name, (kept, sampled) in result.kept.items():
+        table.add_row(name, f"{kept} / {sampled}", f"{result.baseline_refusal[name]:.0%}")
+    out.print(table)
+    out.print(f"post-instruction tokens: {result.eoi_tokens}; refusal token ids: {result.refusal_ids}")
+    selection = result.selection
+    out.print(f"candidates: {len(selection.candidates)} ("
+              + ", ".join(f"{k}: {v}" for k, v in selection.filter_counts().items()) + ")")
+    _render_candidates(selection, top, all_candidates)
+    if result.direction is not None:
+        c = selection.chosen
+        out.print(f"[bold green]chosen:[/] position {c.position}, layer {c.layer}: bypass {c.bypass_score:.3f}, "
+                  f"induce {c.induce_score:.3f}, KL {c.kl_score:.4f}; |r| = {result.direction.vector.norm():.3f}")
+        out.print(f"direction written to {result.run_dir / 'direction.safetensors'}")
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    out.print(f"time: {timing}")
+
+
+def _render_candidates(selection, top: int, all_candidates: bool) -> None:
+    if all_candidates:
+        scored = [c for c in selection.candidates if c.bypass_score == c.bypass_score]  # not NaN: scored
+        rows, title = sorted(scored, key=lambda c: c.bypass_score)[:top], "scored candidates (lowest bypass first)"
+    else:
+        rows, title = selection.survivors()[:top], "best surviving candidates (lowest bypass first)"
+    if not rows:
+        return
+    table = Table(title=title)
+    for col in ("position", "layer", "bypass", "induce", "KL", *(["filtered by"] if all_candidates else [])):
+        table.add_column(col, justify="left" if col == "filtered by" else "right")
+    for c in rows:
+        table.add_row(str(c.position), str(c.layer), f"{c.bypass_score:.3f}", f"{c.induce_score:.3f}",
+                      f"{c.kl_score:.4f}", *([c.filtered or ""] if all_candidates else []))
+    out.print(table)
+
+
+def render_organism(built) -> None:
+    card = built.card.to_json()
+    rates = card["held_out_refusal"]
+    out.print(f"organism: {built.folder}")
+    out.print(f"held-out refusal: harmful {rates['harmful']['refusal_rate']:.0%} of {rates['harmful']['n']}, "
+              f"harmless {rates['harmless']['refusal_rate']:.0%} of {rates['harmless']['n']}; "
+              f"built in {card['seconds'].get('total', 0):.0f}s")
+
+
+def render_export(record, folder: Path) -> None:
+    record = record.to_json()
+    d = record["direction"]
+    out.print(f"orthogonalized {len(record['edited_tensors'])} tensors of {record['source']['spec']} "
+              f"({record['model_type']}) against the direction at layer {d['layer']}, position {d['position']}"
+              + ("; untied the embeddings" if record["untied_embeddings"] else ""))
+    check = record["verification"]
+    if check is None:
+        out.print("[yellow]not verified[/] (--no-verify)")
+    else:
+        status = "[bold green]verified[/]" if check["passed"] else "[bold yellow]approximate[/]"
+        out.print(f"{status}: max |logit difference| vs hook ablation {check['max_abs_logit_diff']:.3g} "
+                  f"(tolerance {check['tolerance']:.3g}, {check['dtype']}); greedy continuations equal "
+                  f"{check['greedy_equal']}/{check['n_prompts']}")
+    out.print(f"checkpoint: {folder} (written in {record['seconds']['total']:.1f}s)")
+
+
+def render_refusal(refusal: dict, max_new_tokens: int) -> None:
+    """The demo's table: label -> list of RefusalRate."""
+    table = Table(title=f"refusal on held-out prompts (greedy, {max_new_tokens} tokens, substring match)")
+    for col in ("prompts", "intervention", "refusal", "example reply"):
+        table.add_column(col, justify="right" if col == "refusal" else "left")
+    for label, rates in refusal.items():
+        for r in rates:
+            table.add_row(label, r.intervention, f"{r.rate:.0%} of {r.n}", r.replies[0][:60])
+    out.print(table)
+
+
+def render_eval(report: dict, run_dir: Path) -> None:
+    """Refusal and safety per dataset and intervention, CE loss, coherence and magnitude (report.json's dict)."""
+    table = Table(title=f"tlrefusal eval: {run_dir}")
+    for col in ("dataset", "intervention", "n", "refusal", "safety"):
+        table.add_column(col, justify="right" if col in ("n", "refusal", "safety") else "left")
+    for name, entry in report["refusal_and_safety"].items():
+        for iv, s in entry["interventions"].items():
+            table.add_row(f"{name} ({entry['label']})", iv, str(s["n"]), f"{s['refusal_score']:.2f}",
+                          "n/a" if s["safety_score"] is None else f"{s['safety_score']:.2f}")
+    out.print(table)
+    for dataset, runs in report["ce_loss"].items():
+        if "unavailable" in runs:
+            out.print(f"CE loss, {dataset}: [yellow]unavailable[/] ({runs['unavailable']})", highlight=False)
+        else:
+            out.print(f"CE loss, {dataset}: " + ", ".join(f"{iv} {r['loss']:.3f}" for iv, r in runs.items())
+                      + f" ({next(iter(runs.values()))['tokens']} tokens)")
+    _render_coherence(report["coherence"])
+    if report["magnitude"] is not None:
+        m = report["magnitude"]
+        parts = [f"{k} {v['pearson_r']:.2f}" for k, v in m["datasets"].items() if v["pearson_r"] is not None]
+        pooled = m["pooled"]["pearson_r"]
+        out.print("magnitude study, Pearson r (projection ratio vs refusal log-odds): " + ", ".join(parts)
+                  + (f"; pooled {pooled:.2f}" if pooled is not None else ""))
+    out.print(f"report: {run_dir / 'eval' / 'report.md'} ({report['seconds']:.0f}s)")
+
+
+def _render_coherence(coherence: dict) -> None:
+    for task, runs in coherence.items():
+        if "unavailable" in runs:
+            out.print(f"lm-eval {task}: [yellow]unavailable[/] ({runs['unavailable']})", highlight=False)
+            continue
+        out.print(f"lm-eval {task}: " + "; ".join(
+            f"{name} " + ", ".join(f"{k} {v:.3f}" for m in r["metrics"].values() for k, v in m.items()
+                                   if "stderr" not in k) for name, r in runs.items()))
+
+
+def render_comparison(comparison, fmt) -> None:
+    a, b = comparison.a, comparison.b
+    table = Table(title=f"A: {a.folder} ({a.kind})  vs  B: {b.folder} ({b.kind})")
+    for col in ("metric", "A", "B", "B - A"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for r in comparison.rows:
+        table.add_row(r.metric, fmt(r.a), fmt(r.b), fmt(r.diff))
+    out.print(table)
