@@ -1,4 +1,4 @@
-"""Directional ablation hooks at every residual writer of every layer (SPEC 1.5)."""
+"""Directional ablation hooks at every residual writer of every layer."""
 from collections.abc import Callable
 
 import torch

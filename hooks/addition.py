@@ -1,4 +1,4 @@
-"""Activation addition at one layer's residual-stream input, every position (SPEC 1.5)."""
+"""Activation addition at one layer's residual-stream input, every position."""
 import torch
 from jaxtyping import Float
 from torch import Tensor

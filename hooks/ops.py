@@ -1,4 +1,4 @@
-"""Pure tensor operators of the paper (Arditi et al. 2024, section 2.3 and SPEC 1.5).
+"""Pure tensor operators of the paper (Arditi et al. 2024, section 2.3).
 
 Shared dimension names: `batch pos d_model`.
 """
@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-# The original code's epsilon for r_hat = r / (||r|| + eps) (SPEC 1.4).
+# The original code's epsilon for r_hat = r / (||r|| + eps).
 UNIT_EPS = 1e-8
 
 

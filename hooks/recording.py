@@ -1,4 +1,5 @@
-"""Float64 running means of residual-stream activations at chosen positions and layers (SPEC 1.4)."""
+"""Float64 running means of residual-stream activations at chosen positions and layers."""
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -28,7 +29,8 @@ class MeanRecorder:
 
         def make(index: int) -> HookFn:
             def hook(x: Tensor, hook: object) -> None:
-                picked = x[:, pos.to(x.device), :].to(torch.float64).sum(dim=0)  # [n_pos, d_model]
+                picked = einops.reduce(x[:, pos.to(x.device), :].to(torch.float64),
+                                       "batch n_pos d_model -> n_pos d_model", "sum")
                 self._sum[:, index, :] += picked.cpu()
                 if index == 0:
                     self.count += x.shape[0]

@@ -6,7 +6,7 @@ We use the legacy aliases (`blocks.{l}.hook_resid_pre`, ...) everywhere and neve
 
 
 def resid_pre(layer: int) -> str:
-    """Input of decoder block `layer`: x^(l) in the paper (SPEC 1.4). Layer 0 is the embedding output."""
+    """Input of decoder block `layer`: x^(l) in the paper. Layer 0 is the embedding output."""
     return f"blocks.{layer}.hook_resid_pre"
 
 
@@ -21,7 +21,7 @@ def mlp_out(layer: int) -> str:
 
 
 def residual_writers(n_layers: int) -> list[str]:
-    """Every site directional ablation edits (SPEC 1.5): resid_pre, attn_out and mlp_out of every block.
+    """Every site directional ablation edits: resid_pre, attn_out and mlp_out of every block.
 
     Together they keep resid_pre, resid_mid and resid_post of every layer orthogonal to the direction.
     """

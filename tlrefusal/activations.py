@@ -1,4 +1,4 @@
-"""Forward passes over prompt batches: last-position logits and mean activations (SPEC 1.3, 1.4).
+"""Forward passes over prompt batches: last-position logits and mean activations.
 
 Every call tokenizes with the model's chat format (left padding, explicit attention mask) and runs the
 TransformerBridge under `model.bridge.hooks(...)`, so interventions are plain hook lists.
@@ -131,7 +131,7 @@ def mean_activations(
 def candidate_directions(
     harmful_mean: Float[Tensor, "n_pos n_layer d_model"], harmless_mean: Float[Tensor, "n_pos n_layer d_model"]
 ) -> Float[Tensor, "n_pos n_layer d_model"]:
-    """r_i^(l) = mean_harmful(x_i^(l)) - mean_harmless(x_i^(l)); not normalised (SPEC 1.4)."""
+    """r_i^(l) = mean_harmful(x_i^(l)) - mean_harmless(x_i^(l)); not normalised."""
     if harmful_mean.shape != harmless_mean.shape:
         raise ValueError(f"shape mismatch: {tuple(harmful_mean.shape)} vs {tuple(harmless_mean.shape)}")
     return harmful_mean - harmless_mean

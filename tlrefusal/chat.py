@@ -1,12 +1,12 @@
 """Chat formatting, post-instruction positions and refusal tokens, read from the model's own template.
 
 - Prompts go through `apply_chat_template` with one user message and no system message of ours
-  (templates that insert a default system prompt, like SmolLM2's or Qwen2's, keep it, as in REPL),
+  (templates that insert a default system prompt, like SmolLM2's or Qwen2's, keep it, as in the NNsight replication),
   then are tokenized with `add_special_tokens=False`: the template already wrote any BOS.
 - The post-instruction ("end-of-instruction", eoi) tokens are the template text after the instruction,
-  tokenized alone, as ORIG does (SPEC 1.2); the candidate positions are range(-n_eoi, 0).
-- Refusal tokens (SPEC 1.3): the first token of each refusal phrase as the model would write it right
-  after the template. The phrases are the paper's per family (SPEC 2), keyed by the config's model_type.
+  tokenized alone, as the original code does; the candidate positions are range(-n_eoi, 0).
+- Refusal tokens: the first token of each refusal phrase as the model would write it right
+  after the template. The phrases are the paper's per family, keyed by the config's model_type.
 """
 from dataclasses import dataclass
 
@@ -16,7 +16,7 @@ from tlrefusal.errors import TlrefusalError
 
 _SENTINEL = "TLREFUSALINSTRUCTIONSENTINEL"
 
-# The paper's refusal phrases by config model_type (SPEC 2): Llama-2, Llama-3 and Yi (all "llama") and
+# The paper's refusal phrases by config model_type: Llama-2, Llama-3 and Yi (all "llama") and
 # Gemma use 'I'; Qwen uses 'I' and 'As'. Other families get DEFAULT_REFUSAL_PHRASES.
 PAPER_REFUSAL_PHRASES = {"llama": ("I",), "gemma": ("I",), "qwen": ("I", "As")}
 DEFAULT_REFUSAL_PHRASES = ("I", "As")

@@ -1,4 +1,4 @@
-"""Score every candidate direction and choose one by the paper's criteria (SPEC 1.6). No file I/O.
+"""Score every candidate direction and choose one by the paper's criteria. No file I/O.
 
 For each candidate r = r_i^(l) on the filtered validation sets:
 - bypass: mean refusal log-odds on harmful val under directional ablation of r_hat at every layer;
@@ -23,7 +23,7 @@ from tlrefusal.scoring import kl_divergence, refusal_log_odds
 
 @dataclass(frozen=True, kw_only=True)
 class SelectionConfig:
-    # The paper's filters (ORIG `select_direction` defaults).
+    # The paper's filters (the original code's `select_direction` defaults).
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     prune_layer_fraction: float = 0.2
@@ -38,7 +38,7 @@ class SelectionConfig:
             raise TlrefusalError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def first_pruned_layer(self, n_layers: int) -> int:
-        """Layers at or above this index are discarded: int(L * (1 - fraction)) (SPEC 1.6 filter 2)."""
+        """Layers at or above this index are discarded: int(L * (1 - fraction))."""
         return int(n_layers * (1.0 - self.prune_layer_fraction))
 
 
@@ -97,7 +97,7 @@ class SelectionResult:
 
 
 def filter_reason(score: CandidateScore, n_layers: int, config: SelectionConfig) -> str | None:
-    """The first of the paper's filters that discards `score`, in ORIG's order, or None."""
+    """The first of the paper's filters that discards `score`, in the original code's order, or None."""
     if score.layer >= config.first_pruned_layer(n_layers):
         return f"layer >= {config.first_pruned_layer(n_layers)}"
     if any(math.isnan(s) for s in (score.bypass_score, score.induce_score, score.kl_score)):
