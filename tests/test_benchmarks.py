@@ -126,7 +126,7 @@ def test_bench_organism_smoke(tiny_dirs, tmp_path):
               "self_instruct_tokens=12", "target_tokens=2", "eval_n=2", "eval_tokens=2"]
     report = bench_organism.main([arg for item in recipe for arg in ("--set", item)] + [
         "--eval-n", "2", "--paper-n", "2", "--paper-n-harmless", "3", "--n-train", "4", "--n-val", "2", "--no-filter",
-        "--out", str(out)])
+        "--out", str(out), *(["--paper-data", str(SHARED / "data")] if (SHARED / "data").is_dir() else [])])
     assert json.loads(out.read_text())["recipe_key"] == report["recipe_key"]
     assert report["build_seconds"] > 0 and report["recipe"]["n_harmful"] == 4
     assert report["organism_card"]["data"]["self_instructed"].startswith("3 sampled from the base model")

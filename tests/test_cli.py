@@ -293,3 +293,28 @@ def test_written_files_get_the_users_umask(tiny_dirs, tmp_path, prompt_files):
     assert code == 0, output
     for name in (artifacts.CONFIG, artifacts.SELECTION, artifacts.DIRECTION):
         assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+
+
+def test_extract_takes_a_built_in_model_by_name(tiny_dirs, tmp_path, prompt_files, monkeypatch):
+    # `organism` resolves through the asset registry (the real fetch builds the organism: minutes, so a
+    # benchmark); here the registry's fetch hands back a tiny model, and the run records the name.
+    from dataclasses import replace
+
+    from tlrefusal import assets
+
+    fetched = []
+
+    def fetch(cache_dir, progress):
+        fetched.append(cache_dir)
+        return tiny_dirs["llama"]
+
+    monkeypatch.setitem(assets.MODELS, "organism", replace(assets.MODELS["organism"], fetch=fetch))
+    args = extract_args(tiny_dirs["llama"], tmp_path / "run", prompt_files, *LOOSE)
+    args[1] = "organism"
+    code, output = run(args)
+    assert code == 0, output
+    assert fetched == [None]
+    manifest = json.loads((tmp_path / "run" / artifacts.MANIFEST).read_text())
+    assert manifest["model"]["spec"] == "organism" and manifest["model"]["kind"] == "builtin"
+    assert manifest["model"]["loaded_from"] == str(tiny_dirs["llama"].resolve())
+    assert artifacts.RefusalDirection.load(tmp_path / "run").model == "organism"

@@ -3,6 +3,7 @@ what directional ablation and activation addition do to its refusals on held-out
 """
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlrefusal import artifacts
 from tlrefusal.chat import ChatFormat
@@ -14,6 +15,10 @@ from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.refusal import RefusalRate, refusal_rate
 from tlrefusal.selection import SelectionConfig
 
+if TYPE_CHECKING:
+    from tlrefusal.export import ExportRecord
+    from tlrefusal.organism import BuiltOrganism
+
 # The organism's candidates move harmless next-token distributions more than the paper's 2B-70B models
 # do (of recipe version 7's, one passes the paper's 0.1 filter, at KL 0.075; its neighbours cost 0.15-0.4;
 # see docs/organism.md), so the demo relaxes the KL filter, lest a rebuilt organism whose one survivor
@@ -24,26 +29,26 @@ HELD_OUT_SEED = 0  # the demo's held-out sample (extraction samples with 42)
 
 @dataclass(frozen=True)
 class DemoResult:
-    organism: "object"  # tlrefusal.organism.BuiltOrganism: its folder and card
+    organism: "BuiltOrganism"  # its folder and card
     extract: ExtractResult
     refusal: dict[Label, list[RefusalRate]] | None  # None if no direction was chosen
-    orthogonalized: "object | None" = None  # tlrefusal.export.ExportRecord, with its verification
+    orthogonalized: "ExportRecord | None" = None  # with its verification
 
 
 def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 32, max_new_tokens: int = 32,
              kl_threshold: float = DEMO_KL_THRESHOLD, cache_dir: Path | None = None, force: bool = False,
-             progress: Progress = NO_PROGRESS) -> DemoResult:
+             progress: Progress = NO_PROGRESS, device: str = "cpu", dtype: str = "float32") -> DemoResult:
     from tlrefusal.organism import OrganismRecipe, build_organism
 
     organism = build_organism(OrganismRecipe(), cache_dir=cache_dir, progress=progress)
-    config = ExtractConfig(model=str(organism.folder), n_train=n_train, n_val=n_val,
+    config = ExtractConfig(model=str(organism.folder), n_train=n_train, n_val=n_val, device=device, dtype=dtype,
                            selection=SelectionConfig(kl_threshold=kl_threshold))
     result = run_extract(config, run_dir, cache_dir=cache_dir, force=force, progress=progress)
     if result.direction is None:
         return DemoResult(organism, result, None)
     refusal = intervention_refusal(run_dir, organism.folder, result.direction, eval_n, max_new_tokens, cache_dir,
-                                   progress)
-    record = export_for_run(run_dir, organism.folder, progress)
+                                   progress, device, dtype)
+    record = export_for_run(run_dir, organism.folder, progress, device)
     artifacts.write_json(run_dir / artifacts.DEMO_SUMMARY, {
         "organism": str(organism.folder), "organism_key": organism.card.key,
         "chosen": result.selection.chosen.to_json(), "refusal": refusal_summary(refusal),
@@ -53,9 +58,10 @@ def run_demo(run_dir: Path, n_train: int = 128, n_val: int = 32, eval_n: int = 3
     return DemoResult(organism, result, refusal, record)
 
 
-def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGRESS):
+def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGRESS, device: str = "cpu"
+                   ) -> "ExportRecord":
     """Orthogonalize the model against the run's direction into RUN/orthogonalized (kept if it matches);
-    returns the export's record."""
+    returns the export's record. `device`: where its verification runs."""
     from tlrefusal.export import ExportRecord, orthogonalize_direction
 
     out = run_dir / artifacts.ORTHOGONALIZED
@@ -63,16 +69,16 @@ def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGR
         record = ExportRecord.from_json(artifacts.read_json(out / artifacts.EXPORT_RECORD))
         if record.direction.sha256 == artifacts.file_sha256(run_dir / artifacts.DIRECTION):
             return record
-    return orthogonalize_direction(run_dir, out, str(model_dir), force=True, progress=progress).record
+    return orthogonalize_direction(run_dir, out, str(model_dir), force=True, device=device, progress=progress).record
 
 
 def intervention_refusal(run_dir: Path, folder: Path, direction: artifacts.RefusalDirection, eval_n: int,
-                         max_new_tokens: int, cache_dir: Path | None, progress: Progress
-                         ) -> dict[Label, list[RefusalRate]]:
+                         max_new_tokens: int, cache_dir: Path | None, progress: Progress, device: str = "cpu",
+                         dtype: str = "float32") -> dict[Label, list[RefusalRate]]:
     """Substring refusal of greedy replies to demo prompts extraction never saw, under each intervention of
     the paper's table (-r on harmful prompts, +r on harmless ones)."""
     used = artifacts.sampled_instructions(run_dir)
-    model = load_model(ModelSource(str(folder), "local", folder))
+    model = load_model(ModelSource(str(folder), "local", folder), dtype, device)
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     table = intervention_table(direction.vector, direction.layer, model.n_layers)
     out: dict[Label, list[RefusalRate]] = {}

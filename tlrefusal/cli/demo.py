@@ -4,10 +4,13 @@ from typing import Annotated
 
 import typer
 
+from tlrefusal import artifacts
 from tlrefusal.cli.common import (
     DATA_PANEL,
     OUTPUT_PANEL,
     CacheDir,
+    Device,
+    Dtype,
     Force,
     KlThreshold,
     NTrain,
@@ -32,6 +35,8 @@ def demo(
                                         rich_help_panel=DATA_PANEL)] = 32,
     max_new_tokens: Annotated[int, typer.Option(help="Reply length for the intervention check.")] = 32,
     kl_threshold: KlThreshold = 2.0,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
     force: Force = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -42,7 +47,7 @@ def demo(
     from tlrefusal.pipeline import describe_failure
 
     result = run_demo(out_dir, n_train, n_val, n_eval, max_new_tokens, kl_threshold, cache_dir, force,
-                      RichProgress(console))
+                      RichProgress(console), device=device, dtype=dtype)
     render_organism(result.organism)
     render_extract(result.extract)
     selection = result.extract.selection.config
@@ -51,7 +56,7 @@ def demo(
     if result.refusal is None:
         _fail(describe_failure(result.extract.selection))
     render_refusal(result.refusal, max_new_tokens)
-    render_export(result.orthogonalized, out_dir / "orthogonalized")
+    render_export(result.orthogonalized, out_dir / artifacts.ORTHOGONALIZED)
 
 
 

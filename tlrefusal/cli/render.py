@@ -48,29 +48,29 @@ def _render_candidates(selection, top: int, all_candidates: bool) -> None:
 
 
 def render_organism(built) -> None:
-    card = built.card.to_json()
-    rates = card["held_out_refusal"]
+    """An organism's folder, held-out refusal and build time (a BuiltOrganism)."""
+    rates, seconds = built.card.held_out_refusal, built.card.seconds
     out.print(f"organism: {built.folder}")
-    out.print(f"held-out refusal: harmful {rates['harmful']['refusal_rate']:.0%} of {rates['harmful']['n']}, "
-              f"harmless {rates['harmless']['refusal_rate']:.0%} of {rates['harmless']['n']}; "
-              f"built in {card['seconds'].get('total', 0):.0f}s")
+    out.print(f"held-out refusal: harmful {rates.harmful.refusal_rate:.0%} of {rates.harmful.n}, "
+              f"harmless {rates.harmless.refusal_rate:.0%} of {rates.harmless.n}; "
+              f"built in {seconds.get('total', 0):.0f}s")
 
 
 def render_export(record, folder: Path) -> None:
-    record = record.to_json()
-    d = record["direction"]
-    out.print(f"orthogonalized {len(record['edited_tensors'])} tensors of {record['source']['spec']} "
-              f"({record['model_type']}) against the direction at layer {d['layer']}, position {d['position']}"
-              + ("; untied the embeddings" if record["untied_embeddings"] else ""))
-    check = record["verification"]
+    """What an export edited and how its verification came out (an ExportRecord)."""
+    d = record.direction
+    out.print(f"orthogonalized {len(record.edited_tensors)} tensors of {record.source.spec} ({record.model_type}) "
+              f"against the direction at layer {d.layer}, position {d.position}"
+              + ("; untied the embeddings" if record.untied_embeddings else ""))
+    check = record.verification
     if check is None:
         out.print("[yellow]not verified[/] (--no-verify)")
     else:
-        status = "[bold green]verified[/]" if check["passed"] else "[bold yellow]approximate[/]"
-        out.print(f"{status}: max |logit difference| vs hook ablation {check['max_abs_logit_diff']:.3g} "
-                  f"(tolerance {check['tolerance']:.3g}, {check['dtype']}); greedy continuations equal "
-                  f"{check['greedy_equal']}/{check['n_prompts']}")
-    out.print(f"checkpoint: {folder} (written in {record['seconds']['total']:.1f}s)")
+        status = "[bold green]verified[/]" if check.passed else "[bold yellow]approximate[/]"
+        out.print(f"{status}: max |logit difference| vs hook ablation {check.max_abs_logit_diff:.3g} "
+                  f"(tolerance {check.tolerance:.3g}, {check.dtype}); greedy continuations equal "
+                  f"{check.greedy_equal}/{check.n_prompts}")
+    out.print(f"checkpoint: {folder} (written in {record.seconds.total:.1f}s)")
 
 
 def render_refusal(refusal: dict, max_new_tokens: int) -> None:

@@ -4,8 +4,6 @@ Datasets: "pile" and "alpaca" (`ce_data`), and "on-distribution", the evaluated 
 completions of the harmless prompts. A hub dataset out of reach is reported unavailable; a local file
 the user named that cannot be used is an error.
 """
-from dataclasses import dataclass
-
 import torch
 
 from tlrefusal.chat import ChatFormat
@@ -14,28 +12,13 @@ from tlrefusal.evaluation.ce_data import alpaca_pairs, pile_texts
 from tlrefusal.evaluation.completions import Completion
 from tlrefusal.evaluation.config import EvalConfig
 from tlrefusal.evaluation.loss import CeLoss, LossSequence, ce_loss, reply_sequence, text_sequence
+from tlrefusal.evaluation.per_intervention import PerIntervention
 from tlrefusal.interventions import Intervention, InterventionTable, intervention_table
 from tlrefusal.model import LoadedModel
 from tlrefusal.progress import Progress
 
-
-@dataclass(frozen=True)
-class CeDataset:
-    """One dataset's CE loss under each intervention, or why it is unavailable."""
-
-    runs: dict[str, CeLoss]
-    unavailable: str | None = None
-
-    def to_json(self) -> dict:
-        if self.unavailable is not None:
-            return {"unavailable": self.unavailable}
-        return {name: loss.to_json() for name, loss in self.runs.items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "CeDataset":
-        if "unavailable" in data:
-            return cls(runs={}, unavailable=data["unavailable"])
-        return cls(runs={name: CeLoss.from_json(loss) for name, loss in data.items()})
+# One dataset's CE loss under each intervention, or why it is unavailable.
+CeDataset = PerIntervention[CeLoss]
 
 
 def ce_interventions(table: InterventionTable, vector: torch.Tensor, layer: int, n_layers: int
@@ -59,7 +42,7 @@ def ce_losses(model: LoadedModel, chat: ChatFormat, interventions: tuple[Interve
         except TlrefusalError as exc:
             if {"pile": config.pile, "alpaca": config.alpaca}.get(dataset) not in (None, "pile", "alpaca"):
                 raise  # a local file the user named: a real error; the hub being out of reach is not
-            out[dataset] = CeDataset(runs={}, unavailable=str(exc))
+            out[dataset] = CeDataset(unavailable=str(exc))
             continue
         runs = {}
         for iv in interventions:

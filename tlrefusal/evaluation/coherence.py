@@ -21,6 +21,7 @@ import yaml
 
 from hooks.ablation import HookFn
 from tlrefusal.errors import TlrefusalError, first_line
+from tlrefusal.evaluation.per_intervention import PerIntervention
 from tlrefusal.interventions import Intervention
 from tlrefusal.model import LoadedModel
 from tlrefusal.progress import NO_PROGRESS, Progress
@@ -93,23 +94,8 @@ class LmEvalResult:
         return cls(metrics=data["metrics"], n_samples=data["n_samples"])
 
 
-@dataclass(frozen=True)
-class TaskCoherence:
-    """One task under each intervention, or why it could not run."""
-
-    runs: dict[str, LmEvalResult]
-    unavailable: str | None = None
-
-    def to_json(self) -> dict:
-        if self.unavailable is not None:
-            return {"unavailable": self.unavailable}
-        return {name: result.to_json() for name, result in self.runs.items()}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "TaskCoherence":
-        if "unavailable" in data:
-            return cls(runs={}, unavailable=data["unavailable"])
-        return cls(runs={name: LmEvalResult.from_json(result) for name, result in data.items()})
+# One lm-eval task under each intervention, or why it could not run.
+TaskCoherence = PerIntervention[LmEvalResult]
 
 
 def run_lm_eval(lm, tasks: Sequence[str], hooks_context=None, limit: int | float | None = None,
@@ -155,7 +141,7 @@ def task_coherence(model: LoadedModel, interventions: Sequence[Intervention], ta
             except Exception as exc:  # lm-eval and datasets raise many types when the hub is out of reach
                 if Path(task).suffix in (".yaml", ".yml"):
                     raise
-                out[task] = TaskCoherence(runs={}, unavailable=f"could not run {task}: {first_line(exc)}")
+                out[task] = TaskCoherence(unavailable=f"could not run {task}: {first_line(exc)}")
                 break
         else:
             out[task] = TaskCoherence(runs=runs)

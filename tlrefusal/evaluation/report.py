@@ -3,8 +3,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlrefusal.evaluation.ce import CeDataset
-from tlrefusal.evaluation.coherence import TaskCoherence
+from tlrefusal.evaluation.coherence import LmEvalResult, TaskCoherence
 from tlrefusal.evaluation.config import EvalConfig
+from tlrefusal.evaluation.loss import CeLoss
 from tlrefusal.evaluation.magnitude import MagnitudeStudy
 from tlrefusal.evaluation.scores import DatasetScores
 from tlrefusal.model import ModelSource
@@ -52,8 +53,8 @@ class EvalReport:
                    model=ModelSource(m["spec"], m["kind"], Path(m["loaded_from"]), m.get("gguf_file")),
                    hooked=data["hooked"], direction=DirectionSummary(**data["direction"]),
                    refusal_and_safety={k: DatasetScores.from_json(v) for k, v in data["refusal_and_safety"].items()},
-                   ce_loss={k: CeDataset.from_json(v) for k, v in data["ce_loss"].items()},
-                   coherence={k: TaskCoherence.from_json(v) for k, v in data.get("coherence", {}).items()},
+                   ce_loss={k: CeDataset.from_json(v, CeLoss.from_json) for k, v in data["ce_loss"].items()},
+                   coherence={k: TaskCoherence.from_json(v, LmEvalResult.from_json) for k, v in data.get("coherence", {}).items()},
                    magnitude=MagnitudeStudy.from_json(data["magnitude"]) if data.get("magnitude") else None,
                    seconds=data["seconds"])
 
