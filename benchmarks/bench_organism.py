@@ -99,7 +99,7 @@ def paper_test_refusal(folder: Path, splits: Path | None, n: int, seed: int = SA
     greedy, 32 tokens; None where the splits are not here."""
     from tlrefusal.chat import ChatFormat
     from tlrefusal.data import load_prompts
-    from tlrefusal.interventions import Intervention
+    from tlrefusal.interventions import BASELINE
     from tlrefusal.model import ModelSource, load_model
     from tlrefusal.organism import normalise_prompt
     from tlrefusal.refusal import refusal_rate
@@ -114,7 +114,7 @@ def paper_test_refusal(folder: Path, splits: Path | None, n: int, seed: int = SA
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]
         size = n_harmless if label == "harmless" and n_harmless is not None else n
         prompts = unused_sample(pool, size, seed, exclude=trained)
-        rate = refusal_rate(model, chat, prompts, Intervention("baseline", "baseline"), 32)
+        rate = refusal_rate(model, chat, prompts, BASELINE, 32)
         refused = [p for p, r in zip(prompts, rate.refused, strict=True) if r]
         out[label] = {"refusal_rate": rate.rate, "n": rate.n, "sample_seed": seed,
                       "refused" if label == "harmless" else "answered":

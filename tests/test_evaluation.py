@@ -342,3 +342,31 @@ def test_demo_model_end_to_end_on_a_few_prompts(demo_dir, tmp_path):
     assert report.ce_loss["on-distribution"].runs["baseline"].tokens > 0
     assert report.magnitude.pooled.n == 4
     assert (run / "eval" / "report.md").is_file()
+
+
+def test_cli_eval_a_picked_candidate_then_compare_two_of_our_runs(tiny_run, tmp_path):
+    import shutil
+
+    from tlrefusal.cli import app
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        shutil.copytree(tiny_run, folder, ignore=shutil.ignore_patterns("eval"))
+    selection = artifacts.read_json(a / artifacts.SELECTION)
+    chosen = (selection["chosen"]["position"], selection["chosen"]["layer"])
+    other = next(c for c in selection["candidates"] if c["bypass_score"] is not None
+                 and (c["position"], c["layer"]) != chosen and c["layer"] != chosen[1])
+    small = ["--n-eval", "2", "--max-new-tokens", "3", "--ce", "", "--tasks", ""]
+    result = CliRunner().invoke(app, ["eval", str(a), *small])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["eval", str(b), *small, "--layer", str(other["layer"]),
+                                      "--position", str(other["position"])])
+    assert result.exit_code == 0, result.output
+    assert artifacts.read_json(b / "eval" / "report.json")["direction"]["layer"] == other["layer"]
+    result = CliRunner().invoke(app, ["compare", str(a), str(b)])
+    assert result.exit_code == 0, result.output
+    rows = {r["metric"]: r for r in artifacts.read_json(a / "eval" / artifacts.COMPARE_JSON)["rows"]}
+    # B's metrics belong to the candidate B evaluated, not to the run's choice.
+    assert rows["chosen.layer"]["a"] == chosen[1] and rows["chosen.layer"]["b"] == other["layer"]
+    assert rows["chosen.kl"]["b"] == other["kl_score"]
+    assert "| refusal.harmful.ablation |" in (a / "eval" / artifacts.COMPARE_MD).read_text()

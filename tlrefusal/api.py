@@ -4,14 +4,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tlrefusal.chat import ChatFormat
-from tlrefusal.interventions import Intervention
+from tlrefusal.interventions import BASELINE, Intervention
 from tlrefusal.model import LoadedModel, resolve_source
 from tlrefusal.model import load_model as _load
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.refusal import RefusalRate
 from tlrefusal.refusal import refusal_rate as _refusal_rate
-
-BASELINE = Intervention("baseline", "baseline")
 
 
 def load_model(model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,

@@ -17,17 +17,19 @@ An exported checkpoint holds the Hugging Face files (config.json, model*.safeten
 orthogonalization.json and README.md; an organism folder holds organism.json, README.md and
 self_instruct_prompts.json beside its weights.
 """
+from __future__ import annotations
+
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from typing import TYPE_CHECKING
 
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.publish import atomic_file
+
+if TYPE_CHECKING:  # torch and safetensors load on first use, so the file names here import light (`--help`)
+    import torch
 
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
@@ -83,11 +85,16 @@ def read_json(path: Path):
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:
@@ -122,6 +129,8 @@ class RefusalDirection:
     model: str
 
     def save(self, path: Path) -> Path:
+        import torch
+
         meta = {"format": DIRECTION_FORMAT, "layer": str(self.layer), "position": str(self.position),
                 "model": self.model, "d_model": str(self.vector.shape[-1]),
                 "norm": f"{self.vector.norm().item():.6g}"}
@@ -130,6 +139,8 @@ class RefusalDirection:
     @classmethod
     def load(cls, path: Path) -> "RefusalDirection":
         """Load a direction file written by `save`; anything else gets a one-line error."""
+        from safetensors import SafetensorError, safe_open
+
         if path.is_dir():
             path = path / DIRECTION
         if not path.is_file():
@@ -152,6 +163,9 @@ def load_direction(path: Path | str, layer: int | None = None, position: int | N
     selection scored it (layers the layer filter drops are never scored), whether or not a filter then
     discarded it. A direction file holds one direction, so `layer`/`position` need a run folder.
     """
+    import torch
+    from safetensors import safe_open
+
     path = Path(path)
     if layer is None and position is None:
         return RefusalDirection.load(path)

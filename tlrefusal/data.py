@@ -1,4 +1,4 @@
-"""Prompt sets: local files, hub datasets by name, the built-in demo sets; seeded sampling.
+"""Prompt sets: local files, hub datasets by name, the built-in prompt sets (`tlrefusal.assets`); seeded sampling.
 
 A prompt set is a list of `Prompt`s. Sources are strings:
 - a path to a `.json` (a list of strings or of objects), `.jsonl`, `.csv` or `.txt` (one prompt a line) file;
@@ -57,7 +57,7 @@ HUB_DATASETS = {
 }
 
 def load_prompts(source: str, cache_dir: Path | None = None) -> list[Prompt]:
-    """Load a prompt set from a file, a hub dataset name, or a demo set name (see the module doc)."""
+    """Load a prompt set from a file, a hub dataset name, or a built-in set's name (see the module doc)."""
     if (asset := prompt_asset(source)) is not None:
         return [Prompt(p, asset.category) for p in asset.load(cache_dir)]
     if source.lower() in HUB_DATASETS:

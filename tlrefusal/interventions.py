@@ -36,6 +36,9 @@ class Intervention:
     coeff: float | None = None
 
 
+BASELINE = Intervention("baseline", "baseline")  # the model as it is
+
+
 @dataclass(frozen=True)
 class InterventionTable:
     """The interventions to run on harmful and on harmless prompts."""
@@ -58,7 +61,7 @@ def intervention_table(vector: torch.Tensor, layer: int, n_layers: int, actadd_s
     harmful_coeff = -1.0 if actadd_sign == "paper" else 1.0
 
     def rows(coeff: float) -> tuple[Intervention, ...]:
-        return (Intervention("baseline", "baseline"),
+        return (BASELINE,
                 Intervention("ablation", "ablation", ablation_hooks(vector, n_layers)),
                 Intervention(f"actadd ({'-' if coeff < 0 else '+'}r)", "actadd", addition_hooks(vector, layer, coeff),
                              coeff))

@@ -12,13 +12,14 @@ from typing import Literal
 
 import torch
 
+from tlrefusal import artifacts
 from tlrefusal.assets import model_asset
 from tlrefusal.errors import TlrefusalError, first_line
+from tlrefusal.precision import DTYPE_CHOICES, DTYPE_NAMES
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 SourceKind = Literal["builtin", "local", "gguf", "hub"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)  # auto: the checkpoint's own dtype (config.json), float32 if it names none
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 DEVICE_HELP = "auto (cuda if there is one, else cpu), cpu, cuda or cuda:N"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # What a hub download fetches: config, tokenizer, chat template and safetensors weights, never pickles.
@@ -70,7 +71,7 @@ def resolve_source(spec: str, cache_dir: Path | None = None, progress: Progress 
         return ModelSource(spec, "builtin", asset.fetch(cache_dir, progress))
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / artifacts.HF_CONFIG).is_file():
             raise TlrefusalError(f"{path} is not a Hugging Face model folder (it has no config.json)")
         return ModelSource(spec, "local", path)
     if path.is_file():
@@ -141,7 +142,7 @@ def resolve_dtype(source: ModelSource, dtype: str) -> str:
         raise TlrefusalError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_CHOICES)})")
     if dtype != "auto":
         return dtype
-    config = source.path / "config.json"
+    config = source.path / artifacts.HF_CONFIG
     if source.gguf_file or not config.is_file():
         return "float32"  # a GGUF file is dequantized to float32
     import json

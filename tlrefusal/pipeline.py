@@ -83,15 +83,18 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
     sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
                             pools.get("harmful_val"), pools.get("harmless_val"))
     source = resolve_source(config.model, cache_dir, progress)
+    identity = {"config": config.to_json(), "data_sha256": {k: prompts_hash(v) for k, v in pools.items()},
+                "model_loaded_from": source.to_json()["loaded_from"]}
+    replace = _check_run_dir(run_dir, identity, force)  # before the model loads: a refusal costs nothing
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
     model = load_model(source, config.dtype, config.device, config.trust_remote_code, progress)
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     refusal_ids = _refusal_ids(config, chat, model.model_type)
     seconds["load_model"] = time.perf_counter() - t
-    identity = {"config": config.to_json(), "data_sha256": {k: prompts_hash(v) for k, v in pools.items()},
-                "model_loaded_from": source.to_json()["loaded_from"]}
-    _claim_run_dir(run_dir, identity, force)
+    if replace:
+        _clear(run_dir)
+    artifacts.write_json(run_dir / artifacts.CONFIG, identity)
     _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
 
     t = time.perf_counter()
@@ -153,8 +156,9 @@ def _load_pools(config: ExtractConfig, cache_dir: Path | None) -> dict[str, list
     return pools
 
 
-def _claim_run_dir(run_dir: Path, identity: dict, force: bool) -> None:
-    """Refuse a run folder made with another config, model or data; with --force, clear our artifacts."""
+def _check_run_dir(run_dir: Path, identity: dict, force: bool) -> bool:
+    """Refuse a run folder made with another config, model or data (nothing is written); returns whether
+    its artifacts must be cleared (--force, or another setup with --force) once every input has passed."""
     if run_dir.exists() and not run_dir.is_dir():
         raise TlrefusalError(f"{run_dir} exists and is not a folder")
     config_path = run_dir / artifacts.CONFIG
@@ -163,13 +167,12 @@ def _claim_run_dir(run_dir: Path, identity: dict, force: bool) -> None:
         if previous != identity and not force:
             raise TlrefusalError(f"{run_dir} holds a run made with a different setup (differs in: "
                                  f"{', '.join(_differences(previous, identity))}); use another --out or --force")
-        if previous != identity or force:
-            _clear(run_dir)
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        return previous != identity or force
+    if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
             raise TlrefusalError(f"{run_dir} is not empty and is not a tlrefusal run; use another --out")
-        _clear(run_dir)
-    artifacts.write_json(config_path, identity)
+        return True
+    return False
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -184,7 +187,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def _clear(run_dir: Path) -> None:
     for name in artifacts.ALL_FILES:
         (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "plots", ignore_errors=True)
+    shutil.rmtree(run_dir / Path(artifacts.PLOT).parent, ignore_errors=True)
 
 
 def _refusal_ids(config: ExtractConfig, chat: ChatFormat, model_type: str) -> list[int]:
@@ -207,7 +210,8 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
                      "transformers": version("transformers"), "transformer_lens": version("transformer-lens")},
         "threads": torch.get_num_threads(),
         "model": {**source.to_json(), "model_type": model.model_type, "n_layers": model.n_layers,
-                  "d_model": model.d_model, "dtype": config.dtype},
+                  "d_model": model.d_model, "dtype": config.dtype,
+                  "loaded_dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)},
         "chat": {"suffix": chat.suffix, "eoi_ids": list(chat.eoi_ids), "eoi_tokens": chat.eoi_tokens,
                  "positions": chat.positions},
         "refusal": {"token_ids": refusal_ids, "tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids)},
@@ -286,4 +290,5 @@ def _select(run_dir, model, chat, directions, splits: Splits, refusal_ids, confi
 
 def describe_failure(selection: SelectionResult) -> str:
     counts = ", ".join(f"{reason}: {n}" for reason, n in selection.filter_counts().items())
-    return f"all candidate directions were filtered out ({counts}); see selection.json and plots/selection.png"
+    return (f"all candidate directions were filtered out ({counts}); see {artifacts.SELECTION} and "
+            f"{artifacts.PLOT}")

@@ -28,7 +28,7 @@ from tlrefusal import __version__
 from tlrefusal.assets import model_names
 from tlrefusal.cli.render import out
 from tlrefusal.errors import TlrefusalError, first_line
-from tlrefusal.model import DTYPE_CHOICES
+from tlrefusal.precision import DTYPE_CHOICES
 from tlrefusal.progress import Advance
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

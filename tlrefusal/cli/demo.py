@@ -59,8 +59,6 @@ def demo(
     render_export(result.orthogonalized, out_dir / artifacts.ORTHOGONALIZED)
 
 
-
-
 @app.command(epilog="Example: tlrefusal organism --out models/organism --epochs 2")
 @guarded
 def organism(

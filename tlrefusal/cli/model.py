@@ -110,7 +110,7 @@ def evaluate(
                         coherence_limit=coherence_limit or None, actadd_sign="plus" if actadd_plus else "paper",
                         layer=layer, position=position, device=device, dtype=dtype)
     report = run_eval(run_dir, config, cache_dir, RichProgress(console))
-    render_eval(report.to_json(), run_dir)
+    render_eval(report, run_dir)
 
 
 @app.command(epilog="Example: tlrefusal compare runs/organism runs/organism-seed7")

@@ -4,6 +4,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tlrefusal import artifacts
+
 out = Console()
 
 
@@ -25,7 +27,7 @@ def render_extract(result, top: int = 5, all_candidates: bool = False) -> None:
         c = selection.chosen
         out.print(f"[bold green]chosen:[/] position {c.position}, layer {c.layer}: bypass {c.bypass_score:.3f}, "
                   f"induce {c.induce_score:.3f}, KL {c.kl_score:.4f}; |r| = {result.direction.vector.norm():.3f}")
-        out.print(f"direction written to {result.run_dir / 'direction.safetensors'}")
+        out.print(f"direction: {result.run_dir / artifacts.DIRECTION}")
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
     out.print(f"time: {timing}")
 
@@ -84,40 +86,40 @@ def render_refusal(refusal: dict, max_new_tokens: int) -> None:
     out.print(table)
 
 
-def render_eval(report: dict, run_dir: Path) -> None:
-    """Refusal and safety per dataset and intervention, CE loss, coherence and magnitude (report.json's dict)."""
+def render_eval(report, run_dir: Path) -> None:
+    """Refusal and safety per dataset and intervention, CE loss, coherence and magnitude (an EvalReport)."""
     table = Table(title=f"tlrefusal eval: {run_dir}")
     for col in ("dataset", "intervention", "n", "refusal", "safety"):
         table.add_column(col, justify="right" if col in ("n", "refusal", "safety") else "left")
-    for name, entry in report["refusal_and_safety"].items():
-        for iv, s in entry["interventions"].items():
-            table.add_row(f"{name} ({entry['label']})", iv, str(s["n"]), f"{s['refusal_score']:.2f}",
-                          "n/a" if s["safety_score"] is None else f"{s['safety_score']:.2f}")
+    for name, entry in report.refusal_and_safety.items():
+        for iv, s in entry.interventions.items():
+            table.add_row(f"{name} ({entry.label})", iv, str(s.n), f"{s.refusal_score:.2f}",
+                          "n/a" if s.safety_score is None else f"{s.safety_score:.2f}")
     out.print(table)
-    for dataset, runs in report["ce_loss"].items():
-        if "unavailable" in runs:
-            out.print(f"CE loss, {dataset}: [yellow]unavailable[/] ({runs['unavailable']})", highlight=False)
+    for dataset, ce in report.ce_loss.items():
+        if ce.unavailable is not None:
+            out.print(f"CE loss, {dataset}: [yellow]unavailable[/] ({ce.unavailable})", highlight=False)
         else:
-            out.print(f"CE loss, {dataset}: " + ", ".join(f"{iv} {r['loss']:.3f}" for iv, r in runs.items())
-                      + f" ({next(iter(runs.values()))['tokens']} tokens)")
-    _render_coherence(report["coherence"])
-    if report["magnitude"] is not None:
-        m = report["magnitude"]
-        parts = [f"{k} {v['pearson_r']:.2f}" for k, v in m["datasets"].items() if v["pearson_r"] is not None]
-        pooled = m["pooled"]["pearson_r"]
+            out.print(f"CE loss, {dataset}: " + ", ".join(f"{iv} {r.loss:.3f}" for iv, r in ce.runs.items())
+                      + f" ({next(iter(ce.runs.values())).tokens} tokens)")
+    _render_coherence(report.coherence)
+    if report.magnitude is not None:
+        m = report.magnitude
+        parts = [f"{k} {v.pearson_r:.2f}" for k, v in m.datasets.items() if v.pearson_r is not None]
+        pooled = m.pooled.pearson_r
         out.print("magnitude study, Pearson r (projection ratio vs refusal log-odds): " + ", ".join(parts)
                   + (f"; pooled {pooled:.2f}" if pooled is not None else ""))
-    out.print(f"report: {run_dir / 'eval' / 'report.md'} ({report['seconds']:.0f}s)")
+    out.print(f"report: {run_dir / artifacts.EVAL_DIR / artifacts.REPORT_MD} ({report.seconds:.0f}s)")
 
 
 def _render_coherence(coherence: dict) -> None:
-    for task, runs in coherence.items():
-        if "unavailable" in runs:
-            out.print(f"lm-eval {task}: [yellow]unavailable[/] ({runs['unavailable']})", highlight=False)
+    for task, result in coherence.items():
+        if result.unavailable is not None:
+            out.print(f"lm-eval {task}: [yellow]unavailable[/] ({result.unavailable})", highlight=False)
             continue
         out.print(f"lm-eval {task}: " + "; ".join(
-            f"{name} " + ", ".join(f"{k} {v:.3f}" for m in r["metrics"].values() for k, v in m.items()
-                                   if "stderr" not in k) for name, r in runs.items()))
+            f"{name} " + ", ".join(f"{k} {v:.3f}" for m in r.metrics.values() for k, v in m.items()
+                                   if "stderr" not in k) for name, r in result.runs.items()))
 
 
 def render_comparison(comparison, fmt) -> None:

@@ -123,7 +123,9 @@ COHERENCE_COUNTERPARTS = {"arc": ("arc_challenge", "acc,none"), "mmlu": ("mmlu",
 def _our_metrics(folder: Path, report_path: Path) -> dict[str, Metric]:
     m: dict[str, Metric] = {}
     report = EvalReport.from_json(artifacts.read_json(report_path))
-    chosen = artifacts.read_json(folder / artifacts.SELECTION).get("chosen")
+    used = (report.direction.position, report.direction.layer)  # the chosen one, or --layer/--position's
+    candidates = artifacts.read_json(folder / artifacts.SELECTION)["candidates"]
+    chosen = next((c for c in candidates if (c["position"], c["layer"]) == used), None)
     if chosen:
         m["chosen.position"], m["chosen.layer"] = chosen["position"], chosen["layer"]
         m["chosen.bypass"], m["chosen.induce"], m["chosen.kl"] = \

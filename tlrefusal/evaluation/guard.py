@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tlrefusal import artifacts
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.progress import NO_PROGRESS, Progress
 
@@ -40,7 +41,7 @@ class LlamaGuard:
     def __init__(self, path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not (path / "config.json").is_file():
+        if not (path / artifacts.HF_CONFIG).is_file():
             raise TlrefusalError(f"no guard model at {path} (expected a Hugging Face folder with config.json)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -93,7 +93,7 @@ def _read_run(run_dir: Path, config: EvalConfig) -> _Run:
         raise TlrefusalError(f"{run_dir} is not a tlrefusal run folder (no {artifacts.CONFIG})")
     if not config.picks_candidate and not (run_dir / artifacts.DIRECTION).is_file():
         raise TlrefusalError(f"{run_dir} has no direction ({artifacts.DIRECTION}); `tlrefusal extract` chose none")
-    if config.guard_model is not None and not (config.guard_model / "config.json").is_file():
+    if config.guard_model is not None and not (config.guard_model / artifacts.HF_CONFIG).is_file():
         raise TlrefusalError(f"no guard model at {config.guard_model} (expected a Hugging Face folder)")
     run_config = artifacts.read_json(run_dir / artifacts.CONFIG)["config"]
     refusal_ids = artifacts.read_json(run_dir / artifacts.MANIFEST)["refusal"]["token_ids"]

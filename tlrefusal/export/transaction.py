@@ -129,7 +129,7 @@ def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path,
     """Every check that needs no writing: the source's format, `out`, the direction's width, the architecture."""
     if source.gguf_file:
         raise TlrefusalError(f"{source.gguf_file} is a GGUF file; orthogonalize needs a Hugging Face folder with "
-                             "safetensors weights (the demo model's dequantized folder is used for 'demo')")
+                             "safetensors weights (the built-in smollm2 is its dequantized folder)")
     _check_out(source.path, out, force)
     checkpoint = read_checkpoint(source.path)
     plan = weight_plan(source.path, checkpoint.keys, trust_remote_code)

@@ -78,12 +78,10 @@ def check_dtype(dtype: str) -> None:
 
 def verification_dtype(folder: Path, dtype: str = AUTO_DTYPE) -> str:
     """`dtype`, or for "auto" the dtype the checkpoint's config.json names (float32 if none we load)."""
+    from tlrefusal.model import ModelSource, resolve_dtype
+
     check_dtype(dtype)
-    if dtype != AUTO_DTYPE:
-        return dtype
-    config = artifacts.read_json(folder / artifacts.HF_CONFIG)
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
-    return name if name in DTYPES else "float32"
+    return resolve_dtype(ModelSource(str(folder), "local", folder), dtype)
 
 
 @torch.inference_mode()
@@ -98,8 +96,9 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
     """
     from hooks import ablation_hooks
     from tlrefusal.chat import ChatFormat
+    from tlrefusal.model import resolve_device
 
-    dtype_name = verification_dtype(folder, dtype)
+    dtype_name, device = verification_dtype(folder, dtype), resolve_device(device)
     hooked, plain = _load_both(source, folder, dtype_name, device, trust_remote_code, progress)
     chat = ChatFormat.from_tokenizer(hooked.tokenizer)
     hooks = ablation_hooks(direction.vector, hooked.n_layers)

@@ -25,7 +25,7 @@ from tlrefusal import __version__, artifacts
 from tlrefusal.chat import ChatFormat
 from tlrefusal.data import load_prompts, sample_prompts
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.interventions import LABELS, Intervention
+from tlrefusal.interventions import BASELINE, LABELS
 from tlrefusal.model import ModelSource, load_model, prepare_tokenizer, resolve_source
 from tlrefusal.organism.card import HeldOutRate, HeldOutRefusal, OrganismCard, TrainingData, TrainingLoss
 from tlrefusal.organism.prompts import (
@@ -221,12 +221,11 @@ def held_out_refusal(folder: Path, recipe: OrganismRecipe, cache_dir: Path | Non
     per label, never trained on, with the model loaded from `folder` in float32 as users load it."""
     model = load_model(ModelSource(str(folder), "local", folder))
     chat = ChatFormat.from_tokenizer(model.tokenizer)
-    baseline = Intervention("baseline", "baseline")
     rates = {}
     for label in LABELS:
         prompts = [p.instruction for p in sample_prompts(load_prompts(f"demo-{label}", cache_dir), recipe.eval_n,
                                                           recipe.seed + 1)]
-        rates[label] = HeldOutRate.from_refusal(refusal_rate(model, chat, prompts, baseline, recipe.eval_tokens,
+        rates[label] = HeldOutRate.from_refusal(refusal_rate(model, chat, prompts, BASELINE, recipe.eval_tokens,
                                                              progress, f"Held-out {label} replies"))
     return HeldOutRefusal(**rates)
 
