@@ -318,3 +318,22 @@ def test_extract_takes_a_built_in_model_by_name(tiny_dirs, tmp_path, prompt_file
     assert manifest["model"]["spec"] == "organism" and manifest["model"]["kind"] == "builtin"
     assert manifest["model"]["loaded_from"] == str(tiny_dirs["llama"].resolve())
     assert artifacts.RefusalDirection.load(tmp_path / "run").model == "organism"
+
+
+def test_a_kl_filter_that_drops_every_candidate_says_which_threshold_keeps_the_best(tiny_dirs, tmp_path,
+                                                                                    prompt_files):
+    import re
+
+    out = tmp_path / "run"
+    args = extract_args(tiny_dirs["llama"], out, prompt_files, "--no-filter", "--induce-threshold", "-1e9",
+                        "--kl-threshold", "0")
+    code, output = run(args)
+    assert code == 1 and "Only the KL filter dropped the best of them" in output
+    threshold = re.search(r"--kl-threshold (\S+) keeps it", " ".join(output.split())).group(1)
+    best = min((c for c in json.loads((out / artifacts.SELECTION).read_text())["candidates"]
+                if c["filtered"] == "kl > 0.0"), key=lambda c: c["bypass_score"])
+    args[args.index("--kl-threshold") + 1] = threshold
+    code, output = run([*args, "--force"])
+    assert code == 0, output
+    chosen = json.loads((out / artifacts.SELECTION).read_text())["chosen"]
+    assert (chosen["position"], chosen["layer"]) == (best["position"], best["layer"])

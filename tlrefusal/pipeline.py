@@ -3,6 +3,7 @@
 Each step writes one artifact of the run folder (`tlrefusal.artifacts`) and is skipped when that
 artifact already exists for the same config, so an interrupted run resumes where it stopped.
 """
+import math
 import platform
 import shutil
 import time
@@ -289,6 +290,23 @@ def _select(run_dir, model, chat, directions, splits: Splits, refusal_ids, confi
 
 
 def describe_failure(selection: SelectionResult) -> str:
+    """Why no candidate survived, and the --kl-threshold that would keep the best one the KL filter dropped."""
     counts = ", ".join(f"{reason}: {n}" for reason, n in selection.filter_counts().items())
-    return (f"all candidate directions were filtered out ({counts}); see {artifacts.SELECTION} and "
-            f"{artifacts.PLOT}")
+    message = (f"all candidate directions were filtered out ({counts}); see {artifacts.SELECTION} and "
+               f"{artifacts.PLOT}")
+    kl_only = [c for c in selection.candidates if c.filtered is not None and c.filtered.startswith("kl >")
+               and c.induce_score >= selection.config.induce_threshold]
+    if kl_only:
+        best = min(kl_only, key=lambda c: c.bypass_score)
+        message += (f". Only the KL filter dropped the best of them (position {best.position}, layer {best.layer}, "
+                    f"KL {best.kl_score:.3g}): `tlrefusal show RUN --all` lists them, and re-running with --force "
+                    f"--kl-threshold {_round_up(best.kl_score):.2g} keeps it")
+    return message
+
+
+def _round_up(x: float) -> float:
+    """x rounded up to two significant digits, so that a threshold printed from it still keeps x."""
+    if x <= 0:
+        return 0.0
+    step = 10 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(x / step) * step

@@ -32,7 +32,7 @@ Source = Annotated[str, typer.Option(rich_help_panel=DATA_PANEL, help="A .json/.
                                                              "demo-harmful / demo-harmless.")]
 
 
-@app.command(epilog="Example: tlrefusal extract organism --out runs/organism")
+@app.command(epilog="Example: tlrefusal extract organism --out runs/organism --kl-threshold 2")
 @guarded
 def extract(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
