@@ -208,9 +208,9 @@ def sample_splits(
 ) -> Splits:
     """Seeded samples in the paper's order: harmful train, harmless train, harmful val, harmless val.
 
-    With separate validation pools this is exactly the original code and the NNsight replication: `random.seed(seed)` then four
-    `random.sample` calls. Without one, validation prompts are drawn from the prompts of the
-    same pool that training did not take, so train and val never overlap.
+    With separate validation pools this is exactly what the original code and the NNsight replication do:
+    `random.seed(seed)` then four `random.sample` calls. Without one, validation prompts are drawn from the
+    prompts of the same pool that training did not take, so train and val never overlap.
     """
     rng = random.Random(seed)
 

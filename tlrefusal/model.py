@@ -136,18 +136,21 @@ def load_model(
                        model_type=hf_model.config.model_type, dtype=torch_dtype)
 
 
-def resolve_dtype(source: ModelSource, dtype: str) -> str:
-    """The dtype name to load in: `dtype` itself, or for "auto" the one the checkpoint's config.json names."""
+def check_dtype(dtype: str) -> None:
+    """Refuse a dtype name tlrefusal does not load in (before anything is loaded or written)."""
     if dtype not in DTYPE_CHOICES:
         raise TlrefusalError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPE_CHOICES)})")
+
+
+def resolve_dtype(source: ModelSource, dtype: str) -> str:
+    """The dtype name to load in: `dtype` itself, or for "auto" the one the checkpoint's config.json names."""
+    check_dtype(dtype)
     if dtype != "auto":
         return dtype
     config = source.path / artifacts.HF_CONFIG
     if source.gguf_file or not config.is_file():
         return "float32"  # a GGUF file is dequantized to float32
-    import json
-
-    data = json.loads(config.read_text(encoding="utf-8"))
+    data = artifacts.read_json(config)
     named = data.get("dtype") or data.get("torch_dtype") or (data.get("text_config") or {}).get("torch_dtype")
     return named if named in DTYPES else "float32"
 

@@ -99,7 +99,7 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
     _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
 
     t = time.perf_counter()
-    splits, log_odds = _sample_and_filter(run_dir, config, sampled, model, chat, refusal_ids, progress)
+    splits, saved = _sample_and_filter(run_dir, config, sampled, model, chat, refusal_ids, progress)
     seconds["filter"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -118,14 +118,16 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
         direction = artifacts.RefusalDirection(directions[pos_index, selection.chosen.layer],
                                                selection.chosen.layer, selection.chosen.position, source.spec)
         direction.save(run_dir / artifacts.DIRECTION)
-    return ExtractResult(run_dir=run_dir, kept=_kept_counts(splits, log_odds),
-                         baseline_refusal={name: sum(x > 0 for x in v) / len(v) for name, v in log_odds.items()},
-                         selection=selection, direction=direction, eoi_tokens=chat.eoi_tokens,
-                         refusal_ids=refusal_ids, seconds=seconds)
+    return ExtractResult(run_dir=run_dir, **_prompt_stats(saved), selection=selection, direction=direction,
+                         eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds)
 
 
-def _kept_counts(splits: Splits, log_odds: dict[str, list[float]]) -> dict[str, tuple[int, int]]:
-    return {name: (len(getattr(splits, name)), len(log_odds[name])) for name in Splits.NAMES}
+def _prompt_stats(saved: dict[str, list[dict]]) -> dict[str, dict]:
+    """From prompts.json's rows: `kept` (split -> (kept, sampled)) and `baseline_refusal` (split -> fraction
+    with refusal log-odds > 0)."""
+    return {"kept": {name: (sum(r["kept"] for r in rows), len(rows)) for name, rows in saved.items()},
+            "baseline_refusal": {name: sum(r["refusal_log_odds"] > 0 for r in rows) / len(rows)
+                                 for name, rows in saved.items()}}
 
 
 def load_extract_result(run_dir: Path) -> ExtractResult:
@@ -134,13 +136,9 @@ def load_extract_result(run_dir: Path) -> ExtractResult:
         if not (run_dir / name).is_file():
             raise TlrefusalError(f"{run_dir} is not a finished tlrefusal run (it has no {name})")
     manifest = artifacts.read_json(run_dir / artifacts.MANIFEST)
-    saved = artifacts.read_json(run_dir / artifacts.PROMPTS)
-    log_odds = {name: [r["refusal_log_odds"] for r in rows] for name, rows in saved.items()}
-    kept = {name: (sum(r["kept"] for r in rows), len(rows)) for name, rows in saved.items()}
     has_direction = (run_dir / artifacts.DIRECTION).is_file()
     return ExtractResult(
-        run_dir=run_dir, kept=kept,
-        baseline_refusal={name: sum(x > 0 for x in v) / len(v) for name, v in log_odds.items()},
+        run_dir=run_dir, **_prompt_stats(artifacts.read_json(run_dir / artifacts.PROMPTS)),
         selection=SelectionResult.from_json(artifacts.read_json(run_dir / artifacts.SELECTION)),
         direction=artifacts.RefusalDirection.load(run_dir) if has_direction else None,
         eoi_tokens=manifest["chat"]["eoi_tokens"], refusal_ids=manifest["refusal"]["token_ids"],
@@ -223,8 +221,9 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
 
 
 def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, chat, refusal_ids, progress
-                       ) -> tuple[Splits, dict[str, list[float]]]:
-    """Score each sampled prompt's baseline refusal log-odds, keep per the paper's filter."""
+                       ) -> tuple[Splits, dict[str, list[dict]]]:
+    """Score each sampled prompt's baseline refusal log-odds, keep per the paper's filter; returns the kept
+    splits and prompts.json's rows."""
     path = run_dir / artifacts.PROMPTS
     if path.is_file():
         saved = artifacts.read_json(path)
@@ -243,7 +242,6 @@ def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, c
         artifacts.write_json(path, saved)
     splits = Splits(**{name: [Prompt(r["instruction"], r["category"]) for r in rows if r["kept"]]
                        for name, rows in saved.items()})
-    log_odds = {name: [r["refusal_log_odds"] for r in rows] for name, rows in saved.items()}
     # A split smaller than min_kept only has to keep all of its prompts.
     short = [f"{name} {len(getattr(splits, name))}/{len(saved[name])}" for name in Splits.NAMES
              if len(getattr(splits, name)) < min(config.min_kept, len(saved[name]))]
@@ -252,7 +250,7 @@ def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, c
             f"too few prompts survive the refusal filter ({', '.join(short)}; need {config.min_kept} each): the model "
             "barely refuses these harmful prompts, or refuses the harmless ones. Use a model that refuses "
             "(the refusing organism), other prompts, or --no-filter; see prompts.json")
-    return splits, log_odds
+    return splits, saved
 
 
 def _candidates(run_dir, model, chat, splits: Splits, config: ExtractConfig, progress) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.evaluation.coherence import DEFAULT_TASKS
-from tlrefusal.model import DTYPE_CHOICES
+from tlrefusal.model import check_dtype
 
 CE_DATASETS = ("pile", "alpaca", "on-distribution")
 
@@ -51,8 +51,8 @@ class EvalConfig:
             raise TlrefusalError(f"unknown CE dataset {sorted(unknown)[0]!r} (choose from {', '.join(CE_DATASETS)})")
         if (self.layer is None) != (self.position is None):
             raise TlrefusalError("layer and position go together: give both to pick a candidate, or neither")
-        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
-            raise TlrefusalError(f"unknown dtype '{self.dtype}' (choose from {', '.join(DTYPE_CHOICES)})")
+        if self.dtype is not None:
+            check_dtype(self.dtype)
 
     @property
     def picks_candidate(self) -> bool:

@@ -23,9 +23,9 @@ from tlrefusal.export.checkpoint import (
     write_safetensors_streaming,
 )
 from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
-from tlrefusal.export.verify import AUTO_DTYPE, Verification, check_dtype, verify_export
+from tlrefusal.export.verify import AUTO_DTYPE, Verification, verify_export
 from tlrefusal.export.weights import WeightPlan, orthogonalize_tensor, weight_plan
-from tlrefusal.model import ModelSource
+from tlrefusal.model import ModelSource, check_dtype
 from tlrefusal.progress import NO_PROGRESS, Advance, Progress
 from tlrefusal.publish import staged_folder
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from tlrefusal import artifacts
-from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import DTYPES, ModelSource
 from tlrefusal.progress import NO_PROGRESS, Progress
 
@@ -70,17 +69,10 @@ class Verification:
                    examples=tuple(VerifyExample.from_json(e) for e in data["examples"]))
 
 
-def check_dtype(dtype: str) -> None:
-    """Refuse an unknown verification dtype before anything is written."""
-    if dtype != AUTO_DTYPE and dtype not in DTYPES:
-        raise TlrefusalError(f"unknown dtype '{dtype}' (choose from {AUTO_DTYPE}, {', '.join(DTYPES)})")
-
-
 def verification_dtype(folder: Path, dtype: str = AUTO_DTYPE) -> str:
     """`dtype`, or for "auto" the dtype the checkpoint's config.json names (float32 if none we load)."""
     from tlrefusal.model import ModelSource, resolve_dtype
 
-    check_dtype(dtype)
     return resolve_dtype(ModelSource(str(folder), "local", folder), dtype)
 
 
