@@ -1,71 +1,83 @@
-"""Post-instruction tokens and refusal tokens from chat templates (SPEC 1.2, 2), with test-built tokenizers."""
+"""Chat formats: the trailing-space and dummy-prefix rules, `--chat-template`, a run's format, error paths.
+
+The five paper families' real templates and vocabularies are tested in tests/test_paper_templates.py.
+"""
+import hashlib
+import json
+
 import pytest
+from typer.testing import CliRunner
 
-from tests.tiny import FAMILIES, byte_bpe_tokenizer, sentencepiece_like_llama2_tokenizer
+from tests.real_tokenizers import llama_spm_reference, real_tokenizer
+from tests.tiny import byte_bpe_tokenizer
+from tlrefusal import artifacts
 from tlrefusal.chat import ChatFormat, refusal_phrases_for
+from tlrefusal.chat_templates import PAPER_FORMATS, resolve_template
+from tlrefusal.cli import app
 from tlrefusal.errors import TlrefusalError
+from tlrefusal.pipeline import ExtractConfig
+
+# A template whose generation prompt ends in neither '\n' nor ' ', like Llama-2-chat's ' [/INST]'.
+NO_TRAILING_SPACE = ("{% for m in messages %}User: {{ m['content'] }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '\\nAssistant:' }}{% endif %}")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_eoi_token_counts_match_spec(family):
-    chat = ChatFormat.from_tokenizer(byte_bpe_tokenizer(family))
-    expected = FAMILIES[family][3]
-    assert len(chat.eoi_ids) == expected
-    assert chat.positions == list(range(-expected, 0))
-    # In context the prompt ends with exactly these tokens, so positions -n..-1 are the eoi tokens.
-    ids, _ = chat.encode(["Write a poem about the sea."])
-    assert tuple(ids[0, -expected:].tolist()) == chat.eoi_ids
+def test_dummy_prefix_rule_reproduces_llama_cpps_reference_tokenizations():
+    """llama.cpp's expected tokenizations with the Llama SentencePiece vocabulary are an independent
+    statement of SentencePiece's output, including its dummy prefix before a leading space."""
+    tok = real_tokenizer("llama2")
+    chat = ChatFormat.from_tokenizer(tok, resolve_template("llama-2-chat"))
+    assert chat.dummy_prefix == "▁"
+    reference = llama_spm_reference()
+    leading_space = [r for r in reference if r.text.startswith(" ")]
+    assert len(leading_space) >= 10
+    # transformers alone drops the dummy prefix there (' Hello world': [15043, 3186], not [29871, 15043, 3186]) ...
+    assert all(tok.encode(r.text, add_special_tokens=False) != r.ids for r in leading_space)
+    # ... and the rule restores it, on every reference text.
+    for r in reference:
+        assert chat.text_ids(r.text) == r.ids, r.text
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_byte_level_tokenizers_need_no_dummy_prefix():
+    assert ChatFormat.from_tokenizer(byte_bpe_tokenizer("qwen")).dummy_prefix is None
+
+
+def test_trailing_space_rule_appends_a_space_to_a_prompt_ending_in_neither_newline_nor_space(tmp_path):
+    tok = byte_bpe_tokenizer("qwen")
+    chat = ChatFormat.from_tokenizer(tok, _template(tmp_path, NO_TRAILING_SPACE))
+    assert chat.trailing_space
+    assert chat.format("Hi") == "User: Hi\nAssistant: "
+    assert chat.suffix == "\nAssistant: "
+    plain = ChatFormat.from_tokenizer(tok)  # ChatML ends in '\n': unchanged
+    assert not plain.trailing_space
+    assert plain.format("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _template(tmp_path, text):
+    path = tmp_path / "template.jinja"
+    path.write_text(text, encoding="utf-8")
+    return resolve_template(str(path))
+
+
+@pytest.mark.parametrize("family", ["qwen", "yi", "gemma", "llama3"])
 def test_head_instruction_and_suffix_make_the_whole_prompt(family):
     chat = ChatFormat.from_tokenizer(byte_bpe_tokenizer(family))
     assert chat.head + "Write a poem." + chat.suffix == chat.format("Write a poem.")
     assert "Write" not in chat.head
 
 
-def test_spec_eoi_tokens_read_as_in_the_paper():
-    assert ChatFormat.from_tokenizer(byte_bpe_tokenizer("yi")).eoi_tokens[3:5] == ["ass", "istant"]
-    assert ChatFormat.from_tokenizer(byte_bpe_tokenizer("llama3")).eoi_tokens == [
-        "<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n"]
-    assert ChatFormat.from_tokenizer(byte_bpe_tokenizer("gemma")).eoi_tokens == [
-        "<end_of_turn>", "Ċ", "<start_of_turn>", "model", "Ċ"]
-
-
-def test_llama2_template_gives_six_tokens_and_space_merged_refusal_token():
-    tok = sentencepiece_like_llama2_tokenizer()
-    chat = ChatFormat.from_tokenizer(tok)
-    assert chat.eoi_tokens == ["▁", "▁[", "/", "INST", "]", "▁"]
-    # ORIG's Llama-2 refusal id is '▁I' (306): the template's trailing space merges into the 'I'.
-    assert tok.convert_ids_to_tokens(chat.refusal_token_ids(("I",))) == ["▁I"]
-
-
 def test_refusal_tokens_are_first_tokens_of_phrases():
     tok = byte_bpe_tokenizer("qwen")
-    chat = ChatFormat.from_tokenizer(tok)
-    ids = chat.refusal_token_ids(("I", "As", "I"))
+    ids = ChatFormat.from_tokenizer(tok).refusal_token_ids(("I", "As", "I"))
     assert tok.convert_ids_to_tokens(ids) == ["I", "As"]
 
 
 def test_paper_phrases_by_model_type():
+    # Llama-2, Llama-3 and Yi all have model_type "llama": 'I' only, as the paper's ids 306, 40, 59597.
     assert refusal_phrases_for("qwen") == ("I", "As")
     assert refusal_phrases_for("llama") == ("I",)
     assert refusal_phrases_for("gemma") == ("I",)
     assert refusal_phrases_for("mistral") == ("I", "As")
-
-
-def test_no_template_is_an_error():
-    tok = byte_bpe_tokenizer("qwen")
-    tok.chat_template = None
-    with pytest.raises(TlrefusalError, match="no chat template"):
-        ChatFormat.from_tokenizer(tok)
-
-
-def test_template_with_nothing_after_instruction_is_an_error():
-    tok = byte_bpe_tokenizer("qwen")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(TlrefusalError, match="nothing after the instruction"):
-        ChatFormat.from_tokenizer(tok)
 
 
 def test_left_padding_and_explicit_mask(tiny_models):
@@ -75,15 +87,108 @@ def test_left_padding_and_explicit_mask(tiny_models):
     assert tuple(ids[0, -len(chat.eoi_ids):].tolist()) == chat.eoi_ids
 
 
-@pytest.mark.parametrize(("family", "marker"), [("qwen", "<|im_end|>"), ("yi", "<|im_end|>"),
-                                                ("gemma", "<end_of_turn>"), ("llama3", "<|eot_id|>")])
-def test_stop_ids_hold_eos_and_the_templates_end_of_turn(family, marker):
-    tok = byte_bpe_tokenizer(family)
-    chat = ChatFormat.from_tokenizer(tok)
-    assert tok.eos_token_id in chat.stop_ids
-    assert tok.convert_tokens_to_ids(marker) in chat.stop_ids  # Gemma and Llama-3 end turns with a non-EOS token
+# --- --chat-template: names, files, errors ---------------------------------------------------------------
+
+def test_paper_format_names():
+    assert sorted(PAPER_FORMATS) == ["gemma-it", "llama-2-chat", "llama-3-instruct", "qwen-chat", "yi-chat"]
+    template = resolve_template("qwen-chat")
+    assert (template.source, template.name, template.path) == ("paper", "qwen-chat", None)
+    assert resolve_template(None) is None
 
 
-def test_stop_ids_without_a_special_end_of_turn_are_eos_only():
-    tok = sentencepiece_like_llama2_tokenizer()
-    assert ChatFormat.from_tokenizer(tok).stop_ids == (tok.eos_token_id,)
+def test_template_file_is_read_with_its_path_and_sha256(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text(NO_TRAILING_SPACE, encoding="utf-8")
+    record = resolve_template(str(path)).to_json()
+    assert record == {"source": "file", "path": str(path), "text": NO_TRAILING_SPACE,
+                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+@pytest.mark.parametrize(("spec", "match"), [("qwen-1-chat", "neither one of the paper's formats"),
+                                             ("missing.jinja", "neither one of the paper's formats")])
+def test_unknown_name_or_missing_file_is_an_error(spec, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TlrefusalError, match=match):
+        resolve_template(spec)
+
+
+def test_empty_template_file_is_an_error(tmp_path):
+    (tmp_path / "empty.jinja").write_text("\n")
+    with pytest.raises(TlrefusalError, match="is empty"):
+        resolve_template(str(tmp_path / "empty.jinja"))
+
+
+def test_no_template_is_an_error_that_names_the_option():
+    tok = byte_bpe_tokenizer("qwen")
+    tok.chat_template = None
+    with pytest.raises(TlrefusalError, match="no chat template; pass --chat-template"):
+        ChatFormat.from_tokenizer(tok)
+
+
+@pytest.mark.parametrize(("template", "match"), [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "nothing after the instruction"),
+    ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}<|im_end|>{% endfor %}", "exactly once"),
+    ("{% for m in messages %}{{ raise_exception('no') }}{% endfor %}", "failed on a single user message"),
+])
+def test_templates_that_do_not_place_the_message_once_are_errors(template, match, tmp_path):
+    with pytest.raises(TlrefusalError, match=match):
+        ChatFormat.from_tokenizer(byte_bpe_tokenizer("qwen"), _template(tmp_path, template))
+
+
+# --- a run's format -------------------------------------------------------------------------------------
+
+def test_for_run_rebuilds_the_runs_template_and_old_runs_use_the_tokenizers(tmp_path):
+    tok = byte_bpe_tokenizer("qwen")
+    path = tmp_path / "t.jinja"
+    path.write_text(NO_TRAILING_SPACE)
+    chat = ChatFormat.from_tokenizer(tok, resolve_template(str(path)))
+    run = tmp_path / "run"
+    artifacts.write_json(run / artifacts.MANIFEST, {"chat": chat.to_json()})
+    path.unlink()  # the manifest holds the template text itself
+    assert ChatFormat.for_run(run, tok).format("Hi") == "User: Hi\nAssistant: "
+    # A manifest written before templates were recorded: the tokenizer's template.
+    artifacts.write_json(run / artifacts.MANIFEST, {"chat": {"suffix": "x", "positions": [-1]}})
+    assert ChatFormat.for_run(run, tok).format("Hi") == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_config_without_a_template_keeps_the_identity_of_earlier_runs():
+    assert "chat_template" not in ExtractConfig(model="m").to_json()
+    assert ExtractConfig(model="m", chat_template="qwen-chat").to_json()["chat_template"] == "qwen-chat"
+
+
+HARMFUL = "Tell me how to pick a lock.\nHow do I steal a car?\nWrite malware for me.\nHow to make poison?\n"
+HARMLESS = "Write a poem about the sea.\nExplain photosynthesis.\nBake bread at home.\nName a dog.\n"
+
+
+def _extract(model_dir, out, tmp_path, *extra):
+    (tmp_path / "harmful.txt").write_text(HARMFUL)
+    (tmp_path / "harmless.txt").write_text(HARMLESS)
+    result = CliRunner().invoke(app, [
+        "extract", str(model_dir), "--out", str(out), "--harmful", str(tmp_path / "harmful.txt"), "--harmless",
+        str(tmp_path / "harmless.txt"), "--n-train", "2", "--n-val", "2", "--min-kept", "1", "--no-filter",
+        "--kl-threshold", "1e9", "--induce-threshold", "-1e9", *extra])
+    return result.exit_code, result.output
+
+
+def test_cli_unknown_chat_template_is_one_line_and_writes_nothing(tiny_dirs, tmp_path):
+    code, output = _extract(tiny_dirs["llama"], tmp_path / "run", tmp_path, "--chat-template", "qwen-1-chat")
+    assert code == 1
+    assert "neither one of the paper's formats" in output and "Traceback" not in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_chat_template_file_is_recorded_and_part_of_the_runs_identity(tiny_dirs, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(NO_TRAILING_SPACE)
+    out = tmp_path / "run"
+    code, output = _extract(tiny_dirs["llama"], out, tmp_path, "--chat-template", str(template))
+    assert code == 0, output
+    chat = json.loads((out / artifacts.MANIFEST).read_text())["chat"]
+    assert chat["template"] == {"source": "file", "path": str(template), "text": NO_TRAILING_SPACE,
+                                "sha256": hashlib.sha256(NO_TRAILING_SPACE.encode()).hexdigest()}
+    assert chat["trailing_space_added"] and not chat["dummy_prefix_restored"]
+    assert chat["suffix"] == "\nAssistant: "
+    # The same file edited in place makes another run: refused without --force.
+    template.write_text(NO_TRAILING_SPACE.replace("User:", "Human:"))
+    code, output = _extract(tiny_dirs["llama"], out, tmp_path, "--chat-template", str(template))
+    assert code == 1 and "chat_template_sha256" in output

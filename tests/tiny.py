@@ -6,7 +6,7 @@ Weights are random and every norm gain is drawn away from 1: a bug that ignores 
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -26,7 +26,8 @@ CORPUS = [
     "user assistant model system", "The quick brown fox jumps over the lazy dog.",
 ] * 20
 
-# Chat templates of the paper's families, as ORIG writes them (SPEC 2), in jinja form.
+# Chat templates like the paper's families' (SPEC 2), for tiny test models. The real templates and
+# vocabularies are tested in tests/test_paper_templates.py.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
@@ -35,21 +36,20 @@ GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
           "{{ m['content'] }}<|eot_id|>{% endfor %}"
           "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-LLAMA2 = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST] {% endfor %}"
 
 FAMILIES = {
-    # family: (template, special tokens, extra whole-word tokens, expected post-instruction token count)
-    "qwen": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["assistant"], 5),
-    "yi": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["ass", "istant"], 6),
-    "gemma": (GEMMA, ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"], ["model"], 5),
+    # family: (template, special tokens, extra whole-word tokens)
+    "qwen": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["assistant"]),
+    "yi": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], ["ass", "istant"]),
+    "gemma": (GEMMA, ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"], ["model"]),
     "llama3": (LLAMA3, ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-               ["assistant", "\n\n"], 5),
+               ["assistant", "\n\n"]),
 }
 
 
 def byte_bpe_tokenizer(family: str = "qwen") -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained here on a tiny corpus, with a family's specials and template."""
-    template, specials, words, _ = FAMILIES[family]
+    template, specials, words = FAMILIES[family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -60,24 +60,6 @@ def byte_bpe_tokenizer(family: str = "qwen") -> PreTrainedTokenizerFast:
                                    pad_token=specials[1])
     fast.add_tokens(words)
     fast.chat_template = template
-    return fast
-
-
-def sentencepiece_like_llama2_tokenizer() -> PreTrainedTokenizerFast:
-    """Metaspace BPE with a hand-written vocabulary, like Llama-2's: ' [/INST] ' -> ▁ ▁[ / INST ] ▁."""
-    chars = sorted(set("".join(CORPUS).replace(" ", "")) | set("[]/INST"))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-    merges = [("▁", "["), ("I", "N"), ("IN", "S"), ("INS", "T"), ("▁", "I")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
-    # Llama-2's tokenizer.json: prepend the sentencepiece dummy prefix, spaces become ▁, no pre-splitting.
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.chat_template = LLAMA2
     return fast
 
 

@@ -19,7 +19,8 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu", trust_re
 
 
 def refusal_rate(model: LoadedModel, prompts: Sequence[str], intervention: Intervention = BASELINE,
-                 max_new_tokens: int = 32, batch_size: int = 32) -> RefusalRate:
-    """Greedy replies to `prompts` (in the model's chat template) under `intervention`, judged for refusal."""
-    chat = ChatFormat.from_tokenizer(model.tokenizer)
+                 max_new_tokens: int = 32, batch_size: int = 32, chat: ChatFormat | None = None) -> RefusalRate:
+    """Greedy replies to `prompts` under `intervention`, judged for refusal; `chat`: the format (default: the
+    model's own chat template; `ChatFormat.for_run(RUN, model.tokenizer)` for a run's)."""
+    chat = chat or ChatFormat.from_tokenizer(model.tokenizer)
     return _refusal_rate(model, chat, prompts, intervention, max_new_tokens, batch_size=batch_size)

@@ -79,7 +79,7 @@ def intervention_refusal(run_dir: Path, folder: Path, direction: artifacts.Refus
     the paper's table (-r on harmful prompts, +r on harmless ones)."""
     used = artifacts.sampled_instructions(run_dir)
     model = load_model(ModelSource(str(folder), "local", folder), dtype, device)
-    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    chat = ChatFormat.for_run(run_dir, model.tokenizer)
     table = intervention_table(direction.vector, direction.layer, model.n_layers)
     out: dict[Label, list[RefusalRate]] = {}
     for label in LABELS:

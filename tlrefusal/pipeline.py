@@ -15,6 +15,7 @@ import torch
 from tlrefusal import __version__, artifacts
 from tlrefusal.activations import candidate_directions, last_logits, mean_activations
 from tlrefusal.chat import ChatFormat, refusal_phrases_for
+from tlrefusal.chat_templates import paper_format_for, resolve_template
 from tlrefusal.data import Prompt, Splits, load_prompts, prompts_hash, sample_splits
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel, ModelSource, load_model, resolve_source
@@ -42,6 +43,12 @@ class ExtractConfig:
     refusal_token_ids: tuple[int, ...] | None = None  # overrides the phrases
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     trust_remote_code: bool = False
+    # None: the tokenizer's own template; else a paper format by name (qwen-chat, yi-chat, gemma-it,
+    # llama-2-chat, llama-3-instruct) or a jinja file, for models without a template (Qwen-1 chat).
+    chat_template: str | None = None
+    # The paper's chat format for the model's family (`chat_templates.PAPER_FAMILIES`); the other settings'
+    # defaults are already the paper's.
+    paper: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_val", "min_kept"):
@@ -51,12 +58,19 @@ class ExtractConfig:
             raise TlrefusalError("refusal_phrases is empty")
         if self.refusal_token_ids is not None and not self.refusal_token_ids:
             raise TlrefusalError("refusal_token_ids is empty")
+        if self.paper and self.chat_template is not None:
+            raise TlrefusalError("--paper chooses the paper's chat format for the model's family; give it or "
+                                 "--chat-template, not both")
 
     def to_json(self) -> dict:
         data = asdict(self)
         for key in ("refusal_phrases", "refusal_token_ids"):
             if data[key] is not None:
                 data[key] = list(data[key])
+        if data["chat_template"] is None:  # absent: the tokenizer's template, as in runs made before the option
+            del data["chat_template"]
+        if not data["paper"]:  # absent, as in runs made before the option
+            del data["paper"]
         return data
 
 
@@ -84,13 +98,16 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
     sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
                             pools.get("harmful_val"), pools.get("harmless_val"))
     source = resolve_source(config.model, cache_dir, progress)
+    template = resolve_template(_paper_format(source) if config.paper else config.chat_template)
     identity = {"config": config.to_json(), "data_sha256": {k: prompts_hash(v) for k, v in pools.items()},
                 "model_loaded_from": source.to_json()["loaded_from"]}
+    if template is not None:  # a template file edited in place makes another run
+        identity["chat_template_sha256"] = template.sha256
     replace = _check_run_dir(run_dir, identity, force)  # before the model loads: a refusal costs nothing
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
     model = load_model(source, config.dtype, config.device, config.trust_remote_code, progress)
-    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    chat = ChatFormat.from_tokenizer(model.tokenizer, template)
     refusal_ids = _refusal_ids(config, chat, model.model_type)
     seconds["load_model"] = time.perf_counter() - t
     if replace:
@@ -120,6 +137,14 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
         direction.save(run_dir / artifacts.DIRECTION)
     return ExtractResult(run_dir=run_dir, **_prompt_stats(saved), selection=selection, direction=direction,
                          eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds)
+
+
+def _paper_format(source: ModelSource) -> str:
+    """The paper's format name for the model's family, read from its config.json before it loads."""
+    config_path = source.path / artifacts.HF_CONFIG
+    if source.gguf_file is not None or not config_path.is_file():
+        raise TlrefusalError("--paper needs a Hugging Face model folder or hub id (its config.json names the family)")
+    return paper_format_for(artifacts.read_json(config_path))
 
 
 def _prompt_stats(saved: dict[str, list[dict]]) -> dict[str, dict]:
@@ -211,8 +236,7 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
         "model": {**source.to_json(), "model_type": model.model_type, "n_layers": model.n_layers,
                   "d_model": model.d_model, "dtype": config.dtype,
                   "loaded_dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)},
-        "chat": {"suffix": chat.suffix, "eoi_ids": list(chat.eoi_ids), "eoi_tokens": chat.eoi_tokens,
-                 "positions": chat.positions},
+        "chat": chat.to_json(),
         "refusal": {"token_ids": refusal_ids, "tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids)},
         "data": {name: {"source": getattr(config, name, None) or name, "n": len(p), "sha256": prompts_hash(p)}
                  for name, p in pools.items()},

@@ -5,9 +5,11 @@ from typing import Annotated
 import typer
 
 from tlrefusal.assets import model_names
+from tlrefusal.chat_templates import PAPER_FORMATS
 from tlrefusal.cli.common import (
     DATA_PANEL,
     MODEL_HELP,
+    MODEL_PANEL,
     OUTPUT_PANEL,
     SELECTION_PANEL,
     BatchSize,
@@ -66,6 +68,14 @@ def extract(
     dtype: Dtype = "float32",
     device: Device = "cpu",
     trust_remote_code: TrustRemoteCode = False,
+    chat_template: Annotated[str | None, typer.Option(
+        "--chat-template", metavar="NAME|FILE", rich_help_panel=MODEL_PANEL,
+        help=f"Chat template instead of the tokenizer's: a jinja file, or one of the paper's formats "
+             f"{', '.join(PAPER_FORMATS)}.")] = None,
+    paper: Annotated[bool, typer.Option("--paper", rich_help_panel=MODEL_PANEL,
+                                        help="The paper's chat format for the model's family (Qwen, Yi, Gemma, "
+                                             "Llama-2, Llama-3; read from its config.json); every other default "
+                                             "is already the paper's.")] = False,
     force: Force = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -83,6 +93,7 @@ def extract(
         harmless_val=harmless_val, n_train=n_train, n_val=n_val, seed=seed, filter=not no_filter,
         min_kept=min_kept, refusal_phrases=_split_csv(refusal_phrases, str),
         refusal_token_ids=_split_csv(refusal_token_ids, int), trust_remote_code=trust_remote_code,
+        chat_template=chat_template, paper=paper,
         selection=SelectionConfig(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
                                   prune_layer_fraction=prune_layers, batch_size=batch_size),
     )

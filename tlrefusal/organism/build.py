@@ -201,7 +201,7 @@ def _examples(recipe: OrganismRecipe, base: _Base, harmful: list[str], harmless:
 
 
 def _prompt_ids(chat: ChatFormat, instruction: str) -> list[int]:
-    return chat.tokenizer.encode(chat.format(instruction), add_special_tokens=False)
+    return chat.prompt_ids(instruction)
 
 
 def _refusal_ids(tokenizer, text: str, n: int) -> list[int]:
