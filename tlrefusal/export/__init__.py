@@ -2,6 +2,7 @@
 
 OUT/
   config.json                    the source's, with tie_word_embeddings false when the export unties
+                                 (--tied-embeddings untie, the default; "shared" keeps it tied)
   model*.safetensors (+ index)   sharded like the source; every residual writer orthogonalized
   tokenizer files, chat template, generation config and any other small file of the source
   orthogonalization.json         source, direction, edited tensors, verification numbers, seconds
@@ -9,7 +10,8 @@ OUT/
 
 Modules: `checkpoint` (the safetensors weights, streamed one tensor at a time: peak memory is about the
 largest tensor in float32, a few copies, not the model or a shard), `transaction` (check, write, verify,
-publish), `verify` (the exported model against hook ablation of the source), `record`
+publish), `verify` (the exported model against hook ablation of the source), `weights` (which tensors
+are edited, and what becomes of a tied unembedding: `TIED_EMBEDDINGS`), `record`
 (orthogonalization.json as typed values) and `card` (README.md).
 """
 from tlrefusal.artifacts import EXPORT_RECORD as RECORD
@@ -29,14 +31,16 @@ from tlrefusal.export.verify import (
     AUTO_DTYPE,
     LOGIT_TOLERANCE,
     VERIFY_PROMPTS,
+    Reference,
     Verification,
     VerifyExample,
     verify_export,
 )
+from tlrefusal.export.weights import TIED_EMBEDDINGS, TiedEmbeddings
 
 __all__ = [
-    "AUTO_DTYPE", "LOGIT_TOLERANCE", "RECORD", "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES", "VERIFY_PROMPTS",
-    "Checkpoint", "ExportDirection", "ExportRecord", "ExportResult", "ExportSeconds", "ShardReader", "TensorSpec",
-    "Verification", "VerifyExample", "export_orthogonalized", "model_card", "orthogonalize_direction",
-    "read_checkpoint", "verify_export", "write_safetensors_streaming",
+    "AUTO_DTYPE", "LOGIT_TOLERANCE", "RECORD", "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES", "TIED_EMBEDDINGS",
+    "VERIFY_PROMPTS", "Checkpoint", "ExportDirection", "ExportRecord", "ExportResult", "ExportSeconds", "Reference",
+    "ShardReader", "TensorSpec", "TiedEmbeddings", "Verification", "VerifyExample", "export_orthogonalized",
+    "model_card", "orthogonalize_direction", "read_checkpoint", "verify_export", "write_safetensors_streaming",
 ]

@@ -1,6 +1,6 @@
 """The model card (README.md, `artifacts.MODEL_CARD`) of an orthogonalized checkpoint: its record in prose."""
 from tlrefusal.export.record import ExportRecord
-from tlrefusal.export.verify import Verification
+from tlrefusal.export.verify import EDITED_UNEMBEDDING, HOOK_ABLATION, Verification
 
 
 def model_card(record: ExportRecord) -> str:
@@ -9,8 +9,7 @@ def model_card(record: ExportRecord) -> str:
     gap = ("" if record.exact else
            f"\n**Approximate**: this architecture puts norms ({', '.join(record.post_norms)}) between the output "
            "projections and the residual stream, so these weights do not equal hook ablation; the gap is above.\n")
-    untied = ("The source ties its unembedding to the embedding; this export unties them, and `lm_head` keeps the "
-              "original matrix, as hook ablation does.\n" if record.untied_embeddings else "")
+    untied = _TIED.get(record.tied_embeddings, "")
     return f"""# {record.source.path.name}, refusal direction orthogonalized
 
 Written by tlrefusal {record.tool_version}: every tensor that writes to the residual stream (embeddings,
@@ -20,17 +19,33 @@ on refusal; it will follow harmful instructions.
 
 - source: `{record.source.spec}` ({record.model_type})
 - direction: layer {d.layer}, position {d.position}, norm {d.norm:.4g}, `{d.file}` (sha256 {d.sha256[:16]}...)
+- tied embeddings: `{record.tied_embeddings or "not tied"}`
 {untied}{gap}
 ## Verification
 {_verified(record.verification)}
 """
 
 
+_TIED = {
+    "untie": "The source ties its unembedding to the embedding; this export unties them, and `lm_head` keeps the "
+             "original matrix, as hook ablation does.\n",
+    "shared": "\n**Not equal to hook ablation** (`--tied-embeddings shared`, as the paper's code did): the source "
+              "ties its unembedding to the embedding, and the shared matrix was orthogonalized once, so the "
+              "unembedding lost its component along the direction too (W_U' = W_U - (W_U r) r^T) and the logits "
+              "differ from hook ablation's. The checkpoint stays tied.\n",
+}
+_REFERENCE = {
+    HOOK_ABLATION: "the source under directional-ablation hooks (TransformerLens)",
+    EDITED_UNEMBEDDING: "the source under directional-ablation hooks (TransformerLens) with its unembedding "
+                        "orthogonalized the same way (not hook ablation alone)",
+}
+
+
 def _verified(check: Verification | None) -> str:
     if check is None:
         return "Not verified (`--no-verify`)."
-    return (f"Reloaded with plain `transformers` and compared with the source under directional-ablation "
-            f"hooks (TransformerLens) on {check.n_prompts} chat prompts, {check.dtype}: max |logit "
+    return (f"Reloaded with plain `transformers` and compared with {_REFERENCE[check.reference]} "
+            f"on {check.n_prompts} chat prompts, {check.dtype}: max |logit "
             f"difference| {check.max_abs_logit_diff:.3g} (tolerance {check.tolerance:.3g}); greedy "
             f"continuations of {check.n_tokens} tokens equal for {check.greedy_equal} of "
             f"{check.n_prompts}.")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tlrefusal import artifacts
 from tlrefusal.export.verify import Verification
+from tlrefusal.export.weights import TiedEmbeddings
 from tlrefusal.model import ModelSource
 
 
@@ -67,10 +68,12 @@ class ExportRecord:
     source: ModelSource  # its path resolved: the folder the weights were read from
     direction: ExportDirection
     model_type: str
-    exact: bool  # orthogonalized weights equal hook ablation for this architecture
+    exact: bool  # no norm between a writer and the stream: the weights equal the verification's reference
     approximate: bool  # --approximate was passed
     post_norms: tuple[str, ...]
-    untied_embeddings: bool
+    # --tied-embeddings as applied: "untie" or "shared" (the unembedding edited too), None when the source's
+    # embeddings are not tied (the option had nothing to do).
+    tied_embeddings: TiedEmbeddings | None
     edited_tensors: tuple[str, ...]  # sorted checkpoint names
     checkpoint_bytes: int
     tensor_bytes_written: int
@@ -82,7 +85,7 @@ class ExportRecord:
             "tool_version": self.tool_version, "source": self.source.to_json(),
             "direction": self.direction.to_json(), "model_type": self.model_type, "exact": self.exact,
             "approximate": self.approximate, "post_norms": list(self.post_norms),
-            "untied_embeddings": self.untied_embeddings, "edited_tensors": list(self.edited_tensors),
+            "tied_embeddings": self.tied_embeddings, "edited_tensors": list(self.edited_tensors),
             "checkpoint_bytes": self.checkpoint_bytes, "tensor_bytes_written": self.tensor_bytes_written,
             "verification": None if self.verification is None else self.verification.to_json(),
             "seconds": self.seconds.to_json(),
@@ -96,8 +99,25 @@ class ExportRecord:
             source=ModelSource.from_json(s),
             direction=ExportDirection.from_json(data["direction"]), model_type=data["model_type"],
             exact=data["exact"], approximate=data["approximate"], post_norms=tuple(data["post_norms"]),
-            untied_embeddings=data["untied_embeddings"], edited_tensors=tuple(data["edited_tensors"]),
+            tied_embeddings=_tied_embeddings(data), edited_tensors=tuple(data["edited_tensors"]),
             checkpoint_bytes=data["checkpoint_bytes"], tensor_bytes_written=data["tensor_bytes_written"],
             verification=None if check is None else Verification.from_json(check),
             seconds=ExportSeconds.from_json(data["seconds"]),
         )
+
+    @property
+    def untied_embeddings(self) -> bool:
+        """The export stores the original matrix as its own unembedding (equal to hook ablation)."""
+        return self.tied_embeddings == "untie"
+
+    @property
+    def hook_equivalent(self) -> bool:
+        """The exported weights compute what hook ablation of the source computes (its verification's claim)."""
+        return self.exact and self.tied_embeddings != "shared"
+
+
+def _tied_embeddings(data: dict) -> TiedEmbeddings | None:
+    """The mode of a record; records written before the option existed said only "untied_embeddings"."""
+    if "tied_embeddings" in data:
+        return data["tied_embeddings"]
+    return "untie" if data["untied_embeddings"] else None

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from tlrefusal import __version__, artifacts
+from tlrefusal.chat import run_template
+from tlrefusal.chat_templates import ChatTemplate
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.export.card import model_card
 from tlrefusal.export.checkpoint import (
@@ -24,7 +26,7 @@ from tlrefusal.export.checkpoint import (
 )
 from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
 from tlrefusal.export.verify import AUTO_DTYPE, Verification, verify_export
-from tlrefusal.export.weights import WeightPlan, orthogonalize_tensor, weight_plan
+from tlrefusal.export.weights import TiedEmbeddings, WeightPlan, orthogonalize_tensor, weight_plan
 from tlrefusal.model import ModelSource, check_dtype
 from tlrefusal.progress import NO_PROGRESS, Advance, Progress
 from tlrefusal.publish import staged_folder
@@ -51,6 +53,7 @@ def orthogonalize_direction(
     device: str = "cpu",
     dtype: str = AUTO_DTYPE,
     approximate: bool = False,
+    tied_embeddings: TiedEmbeddings = "untie",
     verify: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
@@ -71,9 +74,12 @@ def orthogonalize_direction(
     else:
         direction_file = direction_path / artifacts.DIRECTION if direction_path.is_dir() else direction_path
     source = resolve_source(model or direction.model, cache_dir, progress)
-    return export_orthogonalized(source, direction, direction_file, out, approximate=approximate, verify=verify,
-                                 force=force, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
-                                 progress=progress)
+    # The verification formats its prompts with the run's chat template (a run's --chat-template).
+    chat_template = run_template(direction_path) if direction_path.is_dir() else None
+    return export_orthogonalized(source, direction, direction_file, out, approximate=approximate,
+                                 chat_template=chat_template,
+                                 tied_embeddings=tied_embeddings, verify=verify, force=force,
+                                 trust_remote_code=trust_remote_code, device=device, dtype=dtype, progress=progress)
 
 
 def export_orthogonalized(
@@ -83,6 +89,8 @@ def export_orthogonalized(
     out: Path,
     *,
     approximate: bool = False,
+    tied_embeddings: TiedEmbeddings = "untie",
+    chat_template: ChatTemplate | None = None,
     verify: bool = True,
     force: bool = False,
     trust_remote_code: bool = False,
@@ -92,20 +100,24 @@ def export_orthogonalized(
 ) -> ExportResult:
     """Orthogonalize every residual writer of `source` against `direction` and write a checkpoint to `out`.
 
-    Raises TlrefusalError (leaving nothing new at `out`) for bad input or a failed verification.
+    `tied_embeddings` (`weights.TIED_EMBEDDINGS`): "untie" keeps a tied unembedding as it was (equal to hook
+    ablation); "shared" edits the shared matrix as the paper's code did, and verification then compares with
+    hook ablation plus that edited unembedding. Raises TlrefusalError (leaving nothing new at `out`) for bad
+    input or a failed verification.
     """
     started = time.perf_counter()
     check_dtype(dtype)
-    checkpoint, plan = _plan(source, direction, out, force, approximate, trust_remote_code)
+    checkpoint, plan = _plan(source, direction, out, force, approximate, trust_remote_code, tied_embeddings)
     with staged_folder(out, replace=force or out.exists()) as staging:
         t = time.perf_counter()
         tensor_bytes = _write_weights(checkpoint, plan, direction.vector, staging, progress)
-        _copy_other_files(source.path, staging, untie=plan.tied)
+        _copy_other_files(source.path, staging, untie=plan.untie)
         write_seconds, verify_seconds, check = time.perf_counter() - t, None, None
         if verify:
             t = time.perf_counter()
             check = verify_export(source, staging, direction, trust_remote_code, progress, device=device,
-                                  dtype=dtype)
+                                  dtype=dtype, edited_unembedding=plan.edits_unembedding,
+                                  chat_template=chat_template)
             verify_seconds = round(time.perf_counter() - t, 2)
             if not check.passed and plan.exact:
                 raise TlrefusalError(_failure(check, out))
@@ -116,7 +128,7 @@ def export_orthogonalized(
                                                          source.gguf_file),
             direction=ExportDirection.of(direction, direction_file), model_type=plan.model_type,
             exact=plan.exact, approximate=approximate, post_norms=tuple(plan.post_norms),
-            untied_embeddings=plan.tied, edited_tensors=tuple(sorted(plan.edits)),
+            tied_embeddings=plan.tied_embeddings, edited_tensors=tuple(sorted(plan.edits)),
             checkpoint_bytes=checkpoint.nbytes, tensor_bytes_written=tensor_bytes, verification=check,
             seconds=seconds)
         artifacts.write_json(staging / artifacts.EXPORT_RECORD, record.to_json())
@@ -125,14 +137,14 @@ def export_orthogonalized(
 
 
 def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path, force: bool, approximate: bool,
-          trust_remote_code: bool) -> tuple[Checkpoint, WeightPlan]:
+          trust_remote_code: bool, tied_embeddings: TiedEmbeddings) -> tuple[Checkpoint, WeightPlan]:
     """Every check that needs no writing: the source's format, `out`, the direction's width, the architecture."""
     if source.gguf_file:
         raise TlrefusalError(f"{source.gguf_file} is a GGUF file; orthogonalize needs a Hugging Face folder with "
                              "safetensors weights (the built-in smollm2 is its dequantized folder)")
     _check_out(source.path, out, force)
     checkpoint = read_checkpoint(source.path)
-    plan = weight_plan(source.path, checkpoint.keys, trust_remote_code)
+    plan = weight_plan(source.path, checkpoint.keys, trust_remote_code, tied_embeddings)
     if direction.vector.shape != (plan.d_model,):
         raise TlrefusalError(f"the direction has shape {tuple(direction.vector.shape)}, but the model's residual "
                              f"stream has width {plan.d_model}: it was extracted from another model")
@@ -161,13 +173,15 @@ def _failure(check: Verification, out: Path) -> str:
 
 def _write_weights(checkpoint: Checkpoint, plan: WeightPlan, vector: torch.Tensor, staging: Path,
                    progress: Progress) -> int:
-    """Write every shard of the source with the plan's edits; add the untied unembedding beside the embedding."""
+    """Write every shard of the source with the plan's edits; add the untied unembedding beside the embedding.
+
+    In "shared" mode nothing is added: the edited embedding is the unembedding too (the config stays tied)."""
     from hooks.ops import unit
 
     unit_dir = unit(vector.to(torch.float64))
     weight_map: dict[str, str] = {}
     written = 0
-    add_unembed = plan.tied and plan.unembed_key not in checkpoint.keys
+    add_unembed = plan.untie and plan.unembed_key not in checkpoint.keys
     total = sum(len(names) for names in checkpoint.shards.values())
     with progress.task("Orthogonalizing weights", total=total) as advance:
         for shard, names in checkpoint.shards.items():

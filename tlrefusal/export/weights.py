@@ -4,7 +4,8 @@ and the edit W' = W - r_hat r_hat^T W applied to each of them.
 If the token embedding, any positional embedding, every attention output projection, every MLP output
 projection and their biases are orthogonal to r_hat, then r_hat^T x = 0 for resid_pre, resid_mid and
 resid_post of every layer, by induction over layers: the edited model's forward pass equals directional
-ablation with hooks at every layer and position (`hooks.ablation`), with no hooks at run time.
+ablation with hooks at every layer and position (`hooks.ablation`), with no hooks at run time, as long
+as the unembedding is not edited: a tied one is untied unless the paper's edit is asked for (TIED_EMBEDDINGS).
 
 The tensors are named through TransformerLens' architecture adapter (its component mapping from bridge
 roles such as `blocks.attn.o` to Hugging Face module names), and their layout is read from the module
@@ -14,6 +15,7 @@ class of a model built on the meta device (`nn.Linear` stores [d_out, d_in], GPT
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -21,6 +23,15 @@ from torch import Tensor
 
 from hooks.ops import compute_dtype, project_out
 from tlrefusal.errors import TlrefusalError, first_line
+
+# What to do with an unembedding that shares the embedding's matrix (Gemma, SmolLM2, ...):
+# "untie" (the default): the embedding is orthogonalized and lm_head keeps the original matrix, stored apart,
+#   so the export computes exactly what hook ablation of the source computes.
+# "shared": the paper's original code (SPEC 1.7): the shared matrix is orthogonalized once and stays shared,
+#   so the unembedding loses its component along r too, W_U' = W_U (I - r_hat r_hat^T): logits change and the
+#   export is NOT equal to hook ablation (it equals hook ablation with that edited unembedding).
+TiedEmbeddings = Literal["untie", "shared"]
+TIED_EMBEDDINGS: tuple[TiedEmbeddings, ...] = ("untie", "shared")
 
 
 @dataclass(frozen=True)
@@ -33,8 +44,19 @@ class WeightPlan:
     edits: dict[str, int]  # checkpoint tensor name -> index of its d_model axis
     embed_key: str
     unembed_key: str
-    tied: bool  # the unembedding shares the embedding matrix: the export unties it (lm_head keeps the original)
+    tied: bool  # the source's unembedding shares the embedding matrix
     post_norms: tuple[str, ...]  # norms between a writer and the residual stream (Gemma-2/3, OLMo-2, GLM-4)
+    tied_embeddings: TiedEmbeddings | None = None  # what the export does with a tied unembedding; None if untied
+
+    @property
+    def untie(self) -> bool:
+        """The export stores the original matrix apart as the unembedding and sets tie_word_embeddings false."""
+        return self.tied_embeddings == "untie"
+
+    @property
+    def edits_unembedding(self) -> bool:
+        """The unembedding is orthogonalized with the embedding (--tied-embeddings shared)."""
+        return self.tied_embeddings == "shared"
 
     @property
     def exact(self) -> bool:
@@ -60,13 +82,20 @@ def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], ax
     return rows.movedim(-1, axis).to(weight.dtype).contiguous()
 
 
-def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool = False) -> WeightPlan:
+def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool = False,
+                tied_embeddings: TiedEmbeddings = "untie") -> WeightPlan:
     """Name every residual-stream writer of the model in `folder` as a checkpoint tensor, with its axis.
 
+    `tied_embeddings` (TIED_EMBEDDINGS) says what becomes of an unembedding tied to the embedding; on a
+    model whose embeddings are not tied, "untie" has nothing to do (recorded as None) and "shared" is an
+    error, since there is no shared matrix and editing a separate lm_head is not the paper's edit either.
     Raises TlrefusalError for an architecture TransformerLens cannot map or whose blocks have no single
     attention output and MLP output projection (mixture-of-experts, state-space models, ...), and for a
     checkpoint that lacks one of the tensors.
     """
+    if tied_embeddings not in TIED_EMBEDDINGS:
+        raise TlrefusalError(f"unknown tied-embeddings mode {tied_embeddings!r}; choose from "
+                             f"{', '.join(TIED_EMBEDDINGS)}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -105,10 +134,15 @@ def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool
     post_norms = tuple(f"{blocks.name}.*.{sub.name}" for role, sub in blocks.submodules.items()
                        if role.endswith("_post"))
     unembed_name = f"{roles['unembed'].name}.weight" if "unembed" in roles else "lm_head.weight"
+    tied = unembedding is not None and unembedding.weight is embeddings.weight
+    if tied_embeddings == "shared" and not tied:
+        raise TlrefusalError(f"--tied-embeddings shared: this {config.model_type} model does not tie its "
+                             "unembedding to its embedding, so there is no shared matrix to edit; drop the option")
+    if tied_embeddings == "shared" and unembed_name in checkpoint_keys:
+        edits[unembed_name] = 1  # a checkpoint that also stores the tied copy: [vocab, d_model], edited alike
     return WeightPlan(model_type=config.model_type, d_model=embeddings.weight.shape[1], n_layers=n_layers,
                       edits=edits, embed_key=key(roles["embed"].name, "weight"), unembed_key=unembed_name,
-                      tied=unembedding is not None and unembedding.weight is embeddings.weight,
-                      post_norms=post_norms)
+                      tied=tied, post_norms=post_norms, tied_embeddings=tied_embeddings if tied else None)
 
 
 def _projection_edits(model, path: str, key: Callable[[str, str], str]) -> dict[str, int]:
