@@ -97,3 +97,52 @@ def test_generation_stops_at_gemmas_end_of_turn(tiny_models):
                                           return_type="tokens", verbose=False)[0, ids.shape[1]:].tolist()
     assert unstopped[0] == end_of_turn  # the push works, and without the stop the model writes on:
     assert model.tokenizer.decode(unstopped[1:], skip_special_tokens=True).strip()
+
+
+def test_stop_at_eos_only_runs_past_gemmas_end_of_turn_like_plain_hf_generate(tiny_models):
+    """`stop="eos"` (the original code): the same push makes <end_of_turn> the first reply token, and the reply
+    goes on to EOS or the length limit. Reference: plain HF `generate` on the Hugging Face modules, greedy,
+    stopping at the tokenizer's EOS, the push added by a torch pre-hook written here."""
+    from tlrefusal.generation import greedy_completions
+
+    model = tiny_models["gemma"]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    tok = model.tokenizer
+    end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+    hf = model.bridge.original_model
+    push = hf.get_output_embeddings().weight[end_of_turn].detach() * 1e3
+
+    def first_step_only(x, hook):  # at the last block's input, as the pre-hook below
+        if x.shape[1] > 1:
+            x = x.clone()
+            x[:, -1] += push
+        return x
+
+    def plain_pre_hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if hidden.shape[1] > 1:
+            hidden = hidden.clone()
+            hidden[:, -1] += push
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    from hooks import sites
+
+    ours = greedy_completions(model, chat, PROMPTS, N_NEW, [(sites.resid_pre(model.n_layers - 1), first_step_only)],
+                              stop="eos")
+    ids, mask = chat.encode(PROMPTS)
+    handle = hf.model.layers[model.n_layers - 1].register_forward_pre_hook(plain_pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    finally:
+        handle.remove()
+    rows = out.tolist()
+    assert all(row[0] == end_of_turn for row in rows)  # the push works in the reference too
+    eos = tok.eos_token_id
+    expected = [tok.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True).strip()
+                for row in rows]
+    assert ours == expected
+    assert any(expected)  # replies run on past <end_of_turn> (with stop="turn" they are all empty)

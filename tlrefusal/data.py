@@ -205,14 +205,17 @@ def sample_splits(
     seed: int = 42,
     harmful_val: Sequence[Prompt] | None = None,
     harmless_val: Sequence[Prompt] | None = None,
+    rng: random.Random | None = None,
 ) -> Splits:
     """Seeded samples in the paper's order: harmful train, harmless train, harmful val, harmless val.
 
     With separate validation pools this is exactly what the original code and the NNsight replication do:
     `random.seed(seed)` then four `random.sample` calls. Without one, validation prompts are drawn from the
-    prompts of the same pool that training did not take, so train and val never overlap.
+    prompts of the same pool that training did not take, so train and val never overlap. `rng` (default
+    `random.Random(seed)`): the stream to draw from; the caller keeps it to continue the stream, as the
+    original draws its harmless evaluation sample next (`random.sample(harmless_test, 100)`).
     """
-    rng = random.Random(seed)
+    rng = rng if rng is not None else random.Random(seed)
 
     def draw(pool: Sequence[Prompt], k: int, label: str) -> list[Prompt]:
         if k > len(pool):

@@ -38,6 +38,12 @@ def orthogonalize(
                                                    "extracted from).", rich_help_panel=MODEL_PANEL)] = None,
     approximate: Annotated[bool, typer.Option(help="Export architectures where weights cannot equal hook ablation "
                                                    "(Gemma-2/3) and record the measured gap.")] = False,
+    tied_embeddings: Annotated[str, typer.Option(
+        metavar="untie|shared",
+        help="For a model whose unembedding shares the embedding matrix (Gemma, SmolLM2). untie: lm_head keeps "
+             "the original matrix, exactly equal to hook ablation. shared: the paper's code, one edited matrix; "
+             "NOT equal to hook ablation: the unembedding loses its component along r, so logits change "
+             "(verified against hook ablation plus that edit). shared is refused for untied models.")] = "untie",
     verify: Annotated[bool, typer.Option(help="Reload the export with plain transformers and compare it with hook "
                                               "ablation of the source (skip for models too big to run).")] = True,
     dtype: Dtype = "auto",
@@ -51,24 +57,40 @@ def orthogonalize(
     from tlrefusal.export import orthogonalize_direction
 
     result = orthogonalize_direction(direction, out_dir, model, cache_dir, layer=layer, position=position,
-                                     device=device, dtype=dtype, approximate=approximate, verify=verify, force=force,
+                                     device=device, dtype=dtype, approximate=approximate,
+                                     tied_embeddings=tied_embeddings, verify=verify, force=force,
                                      trust_remote_code=trust_remote_code, progress=RichProgress(console))
     render_export(result.record, result.out)
 
 
-@app.command("eval", epilog="Example: tlrefusal eval runs/organism --n-eval 32 --max-new-tokens 64")
+@app.command("eval", epilog="Example: tlrefusal eval runs/organism --n-eval 32 --max-new-tokens 64  |  the paper's "
+                             "settings: tlrefusal eval RUN --paper --harmless HARMLESS_TEST.json")
 @guarded
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder from `tlrefusal extract` (or `demo`).")],
+    paper: Annotated[bool, typer.Option("--paper", help="The original code's settings: JailbreakBench whole and n "
+                                                        "harmless prompts from the run's seed stream (--harmless: "
+                                                        "the test pool), --stop eos, 512 new tokens, --n-ce 4096, "
+                                                        "the paper's benchmarks on every document. Options given "
+                                                        "explicitly override it.")] = False,
     harmful: Annotated[list[str] | None, typer.Option(help="Harmful prompt set (repeatable): a file or a name "
                                                            "(jailbreakbench, harmbench, demo-harmful). Default: the "
-                                                           "run's pool minus the prompts it used.",
+                                                           "run's pool minus the prompts it used (--paper: "
+                                                           "jailbreakbench).",
                                                       rich_help_panel=DATA_PANEL)] = None,
     harmless: Annotated[list[str] | None, typer.Option(help="Harmless prompt set (repeatable): a file, alpaca or "
-                                                            "demo-harmless. Default: as for --harmful.",
+                                                            "demo-harmless. Default: as for --harmful (--paper: "
+                                                            "required, the harmless test pool).",
                                                        rich_help_panel=DATA_PANEL)] = None,
-    n_eval: Annotated[int, typer.Option(help="Prompts per dataset (paper: 100).", rich_help_panel=DATA_PANEL)] = 100,
-    max_new_tokens: Annotated[int, typer.Option(help="Reply length (paper: 512).")] = 512,
+    eval_sets: Annotated[str | None, typer.Option(help="held-out: n seeded prompts per set minus the run's own "
+                                                       "(default); paper: harmful sets whole, harmless drawn by "
+                                                       "continuing the run's seeded sampling stream.",
+                                                  rich_help_panel=DATA_PANEL)] = None,
+    n_eval: Annotated[int | None, typer.Option(help="Prompts per dataset [default: 100, the paper's].",
+                                               rich_help_panel=DATA_PANEL)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Reply length [default: 512, the paper's].")] = None,
+    stop: Annotated[str | None, typer.Option(help="Where replies stop: turn (EOS or the template's end-of-turn "
+                                                  "token; default) or eos (EOS only, the paper's).")] = None,
     batch_size: BatchSize = 16,
     layer: Layer = None,
     position: Position = None,
@@ -83,19 +105,23 @@ def evaluate(
     guard_model: Annotated[Path | None, typer.Option(help="A local Llama Guard 2 folder for the safety score "
                                                           "(without it: reported unavailable).", rich_help_panel=MODEL_PANEL)]
     = None,
-    ce: Annotated[str, typer.Option(help="CE-loss datasets: pile, alpaca, on-distribution (empty: none).",
-                                    rich_help_panel=DATA_PANEL)] = "pile,alpaca,on-distribution",
-    n_ce: Annotated[int, typer.Option(help="Sequences per CE dataset (paper: 4096).", rich_help_panel=DATA_PANEL)] = 64,
+    ce: Annotated[str | None, typer.Option(help="CE-loss datasets: pile, alpaca, on-distribution (empty: none) "
+                                                "[default: all three].", rich_help_panel=DATA_PANEL)] = None,
+    n_ce: Annotated[int | None, typer.Option(help="Sequences per CE dataset [default: 64; the paper, --paper: "
+                                                  "4096].", rich_help_panel=DATA_PANEL)] = None,
     pile: Annotated[str, typer.Option(help="'pile' (the hub) or a local text / .jsonl file.", rich_help_panel=DATA_PANEL)]
     = "pile",
     alpaca: Annotated[str, typer.Option(help="'alpaca' (the hub) or a local .json/.jsonl with instruction and "
                                              "output.", rich_help_panel=DATA_PANEL)] = "alpaca",
     magnitude: Annotated[list[str] | None, typer.Option(help="Extra prompt set for the magnitude study "
                                                              "(repeatable), e.g. xstest.", rich_help_panel=DATA_PANEL)] = None,
-    tasks: Annotated[str, typer.Option(help="lm-eval tasks: names or local task YAML files (empty: none).",
-                                       rich_help_panel=DATA_PANEL)] = "mmlu,arc_challenge,truthfulqa_mc2",
-    coherence_limit: Annotated[int, typer.Option(help="Documents per lm-eval (sub)task; 0 for all (the paper).",
-                                                 rich_help_panel=DATA_PANEL)] = 100,
+    tasks: Annotated[str | None, typer.Option(help="lm-eval tasks: names (NAME:SHOTS for a few-shot count) or local "
+                                                   "task YAML files (empty: none) [default: mmlu,arc_challenge,"
+                                                   "truthfulqa_mc2; --paper: the paper's five].",
+                                              rich_help_panel=DATA_PANEL)] = None,
+    coherence_limit: Annotated[int | None, typer.Option(help="Documents per lm-eval (sub)task; 0 for all (the "
+                                                             "paper's, --paper) [default: 100].",
+                                                        rich_help_panel=DATA_PANEL)] = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Refusal and safety scores, CE loss, coherence and the magnitude study, under baseline, ablation and
@@ -103,12 +129,17 @@ def evaluate(
     from tlrefusal.evaluation.config import EvalConfig
     from tlrefusal.evaluation.runner import run_eval
 
-    config = EvalConfig(harmful=tuple(harmful or ()), harmless=tuple(harmless or ()), n=n_eval,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, model=model, guard_model=guard_model,
-                        ce=_split_csv(ce, str) if ce.strip() else (), ce_n=n_ce, pile=pile, alpaca=alpaca,
-                        magnitude=tuple(magnitude or ()), tasks=_split_csv(tasks, str) if tasks.strip() else (),
-                        coherence_limit=coherence_limit or None, actadd_sign="plus" if actadd_plus else "paper",
-                        layer=layer, position=position, device=device, dtype=dtype)
+    given = {"n": n_eval, "max_new_tokens": max_new_tokens, "eval_sets": eval_sets, "stop": stop, "ce_n": n_ce,
+             "harmful": tuple(harmful) if harmful else None, "harmless": tuple(harmless) if harmless else None,
+             "ce": None if ce is None else _split_csv(ce, str) if ce.strip() else (),
+             "tasks": None if tasks is None else _split_csv(tasks, str) if tasks.strip() else (),
+             "actadd_sign": "plus" if actadd_plus else None}
+    given = {k: v for k, v in given.items() if v is not None}  # left out: the preset's or the default
+    if coherence_limit is not None:
+        given["coherence_limit"] = coherence_limit or None  # 0: every document
+    config = EvalConfig.resolve(paper, **given, batch_size=batch_size, model=model, guard_model=guard_model,
+                                pile=pile, alpaca=alpaca, magnitude=tuple(magnitude or ()), layer=layer,
+                                position=position, device=device, dtype=dtype)
     report = run_eval(run_dir, config, cache_dir, RichProgress(console))
     render_eval(report, run_dir)
 

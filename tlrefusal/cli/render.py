@@ -63,13 +63,17 @@ def render_export(record, folder: Path) -> None:
     d = record.direction
     out.print(f"orthogonalized {len(record.edited_tensors)} tensors of {record.source.spec} ({record.model_type}) "
               f"against the direction at layer {d.layer}, position {d.position}"
-              + ("; untied the embeddings" if record.untied_embeddings else ""))
+              + {"untie": "; untied the embeddings", "shared": "; edited the shared embedding and unembedding"}
+              .get(record.tied_embeddings, ""))
+    if record.tied_embeddings == "shared":
+        out.print("[yellow]not equal to hook ablation[/]: the tied unembedding lost its component along r "
+                  "(--tied-embeddings shared, as the paper's code)")
     check = record.verification
     if check is None:
         out.print("[yellow]not verified[/] (--no-verify)")
     else:
         status = "[bold green]verified[/]" if check.passed else "[bold yellow]approximate[/]"
-        out.print(f"{status}: max |logit difference| vs hook ablation {check.max_abs_logit_diff:.3g} "
+        out.print(f"{status}: max |logit difference| vs {check.reference} {check.max_abs_logit_diff:.3g} "
                   f"(tolerance {check.tolerance:.3g}, {check.dtype}); greedy continuations equal "
                   f"{check.greedy_equal}/{check.n_prompts}")
     out.print(f"checkpoint: {folder} (written in {record.seconds.total:.1f}s)")
@@ -88,6 +92,8 @@ def render_refusal(refusal: dict, max_new_tokens: int) -> None:
 
 def render_eval(report, run_dir: Path) -> None:
     """Refusal and safety per dataset and intervention, CE loss, coherence and magnitude (an EvalReport)."""
+    from tlrefusal.evaluation.report import settings_line as report_settings
+
     table = Table(title=f"tlrefusal eval: {run_dir}")
     for col in ("dataset", "intervention", "n", "refusal", "safety"):
         table.add_column(col, justify="right" if col in ("n", "refusal", "safety") else "left")
@@ -96,6 +102,7 @@ def render_eval(report, run_dir: Path) -> None:
             table.add_row(f"{name} ({entry.label})", iv, str(s.n), f"{s.refusal_score:.2f}",
                           "n/a" if s.safety_score is None else f"{s.safety_score:.2f}")
     out.print(table)
+    out.print(report_settings(report.config), highlight=False)
     for dataset, ce in report.ce_loss.items():
         if ce.unavailable is not None:
             out.print(f"CE loss, {dataset}: [yellow]unavailable[/] ({ce.unavailable})", highlight=False)

@@ -9,12 +9,13 @@ exactly as the harness computes them for any model (tests compare with lm-eval's
 from the same folder, and with an orthogonalized checkpoint).
 
 Like the paper, no chat template is applied. Tasks come by lm-eval name (the hub supplies their data)
-or as local task YAML files.
+or as local task YAML files, each optionally with a few-shot count: "NAME:SHOTS" (a plain NAME keeps the
+task's own default). PAPER_TASKS are the paper's settings; REPORT_METRICS the metric quoted per task.
 """
 import functools
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,13 +28,42 @@ from tlrefusal.model import LoadedModel
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 DEFAULT_TASKS = ("mmlu", "arc_challenge", "truthfulqa_mc2")
+# The paper's coherence settings (Open LLM Leaderboard v1 conventions), as "NAME:SHOTS" task specs.
+PAPER_TASKS = ("arc_challenge:25", "mmlu:5", "truthfulqa_mc2:0", "gsm8k:5", "winogrande:5")
+# The metric the report quotes per task, as lm-eval names it ("metric,filter"): the Leaderboard v1 choices.
+# lm-eval calls TruthfulQA's mc2 score "acc" in its truthfulqa_mc2 task; GSM8K's strict match reads the
+# number after "####" as the Leaderboard v1 harness did.
+REPORT_METRICS = {"arc_challenge": "acc_norm,none", "mmlu": "acc,none", "truthfulqa_mc2": "acc,none",
+                  "gsm8k": "exact_match,strict-match", "winogrande": "acc,none"}
 
 
-def resolve_tasks(tasks: Sequence[str]) -> tuple[list[str], object]:
-    """Task names for lm-eval and a TaskManager that knows any local YAML files among `tasks`."""
-    names, include = [], []
-    for task in tasks:
-        path = Path(task)
+@dataclass(frozen=True)
+class TaskSpec:
+    """One coherence task: an lm-eval task name or local task YAML file, and its few-shot count
+    (None: the task's own default)."""
+
+    name: str
+    shots: int | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.shots is None else f"{self.name}:{self.shots}"
+
+
+def parse_task_spec(spec: str) -> TaskSpec:
+    """ "NAME" or "NAME:SHOTS" (SHOTS a whole number >= 0); a path ending in .yaml/.yml is a name as it is."""
+    if Path(spec).suffix in (".yaml", ".yml") or ":" not in spec:
+        return TaskSpec(spec)
+    name, shots = spec.rsplit(":", 1)
+    if not name or not shots.isdigit():
+        raise TlrefusalError(f"bad task {spec!r}: expected NAME or NAME:SHOTS with SHOTS a whole number >= 0")
+    return TaskSpec(name, int(shots))
+
+
+def resolve_tasks(tasks: Sequence[str]) -> tuple[list[TaskSpec], object]:
+    """Task specs with lm-eval task names, and a TaskManager that knows any local YAML files among `tasks`."""
+    specs, include = [], []
+    for spec in map(parse_task_spec, tasks):
+        path = Path(spec.name)
         if path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise TlrefusalError(f"no task file at {path}")
@@ -44,16 +74,38 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[list[str], object]:
                 raise TlrefusalError(f"{path} is not valid YAML: {exc}") from exc
             if not isinstance(data, dict) or "task" not in data:
                 raise TlrefusalError(f"{path} has no 'task' name")
-            names.append(str(data["task"]))
+            specs.append(TaskSpec(str(data["task"]), spec.shots))
             include.append(str(path.resolve().parent))
         else:
-            names.append(task)
+            specs.append(spec)
+    names = [s.name for s in specs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise TlrefusalError(f"task {twice!r} is given twice")
     manager = _task_manager(tuple(sorted(set(include))))
     known = set(manager.all_tasks)
-    unknown = [n for n in names if n not in known]
+    unknown = [s.name for s in specs if s.name not in known]
     if unknown:
         raise TlrefusalError(f"unknown lm-eval task {unknown[0]!r} (see `lm-eval ls tasks`, or pass a task YAML)")
-    return names, manager
+    return specs, manager
+
+
+def load_tasks(specs: Sequence[TaskSpec], manager) -> list:
+    """lm-eval Task and Group objects for `specs`, each leaf task set to its spec's few-shot count.
+
+    lm-eval's `simple_evaluate` takes one `num_fewshot` for all tasks (and ignores it for a task whose YAML
+    says 0); setting `num_fewshot` on the built tasks, which `simple_evaluate` accepts in place of names,
+    gives each task its own count.
+    """
+    objects = []
+    for spec in specs:
+        loaded = manager.load([spec.name])
+        if spec.shots is not None:
+            for task in loaded["tasks"].values():
+                task.set_config(key="num_fewshot", value=spec.shots)
+        top = loaded["groups"].get(spec.name)
+        objects += [top] if top is not None else list(loaded["tasks"].values())
+    return objects
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,17 +133,27 @@ def lm_eval_model(model: LoadedModel, batch_size: int = 8):
 
 @dataclass(frozen=True)
 class LmEvalResult:
-    """lm-eval's numeric metrics per (sub)task and how many documents each used."""
+    """lm-eval's numeric metrics per (sub)task, how many documents and few-shot examples each used (as lm-eval
+    reports them), and per requested task the metric the report quotes (REPORT_METRICS; absent: all)."""
 
     metrics: dict[str, dict[str, float]]
     n_samples: dict[str, int | None]
+    n_shot: dict[str, int] = field(default_factory=dict)
+    report_metric: dict[str, str] = field(default_factory=dict)
+
+    def headline(self) -> dict[str, float]:
+        """task -> the value of its report metric, for the tasks that have one."""
+        return {task: self.metrics[task][key] for task, key in self.report_metric.items()
+                if key in self.metrics.get(task, {})}
 
     def to_json(self) -> dict:
-        return {"metrics": self.metrics, "n_samples": self.n_samples}
+        return {"metrics": self.metrics, "n_samples": self.n_samples, "n_shot": self.n_shot,
+                "report_metric": self.report_metric}
 
     @classmethod
     def from_json(cls, data: dict) -> "LmEvalResult":
-        return cls(metrics=data["metrics"], n_samples=data["n_samples"])
+        return cls(metrics=data["metrics"], n_samples=data["n_samples"], n_shot=data.get("n_shot", {}),
+                   report_metric=data.get("report_metric", {}))
 
 
 # One lm-eval task under each intervention, or why it could not run.
@@ -99,50 +161,54 @@ TaskCoherence = PerIntervention[LmEvalResult]
 
 
 def run_lm_eval(lm, tasks: Sequence[str], hooks_context=None, limit: int | float | None = None,
-                num_fewshot: int | None = None, seed: int = 1234) -> LmEvalResult:
-    """Evaluate an lm-eval model on `tasks`: numeric metrics per task and sample counts."""
+                seed: int = 1234) -> LmEvalResult:
+    """Evaluate an lm-eval model on `tasks` ("NAME" or "NAME:SHOTS" specs): metrics, sample and shot counts."""
     from lm_eval import simple_evaluate
 
-    names, manager = resolve_tasks(tasks)
+    specs, manager = resolve_tasks(tasks)
+    objects = load_tasks(specs, manager)
     with hooks_context or nullcontext():
-        results = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+        results = simple_evaluate(model=lm, tasks=objects, task_manager=manager, limit=limit,
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
     metrics = {task: {k: v for k, v in values.items() if isinstance(v, (int, float)) and not k.startswith("alias")}
                for task, values in results["results"].items()}
     samples = {task: n.get("effective", n.get("original")) if isinstance(n, dict) else n
                for task, n in results.get("n-samples", {}).items()}
-    return LmEvalResult(metrics=metrics, n_samples=samples)
+    shots = {task: int(n) for task, n in results.get("n-shot", {}).items() if isinstance(n, int)}
+    chosen = {s.name: REPORT_METRICS[s.name] for s in specs if s.name in REPORT_METRICS}
+    return LmEvalResult(metrics=metrics, n_samples=samples, n_shot=shots, report_metric=chosen)
 
 
 def coherence(model: LoadedModel, interventions: dict[str, list[tuple[str, HookFn]]], tasks: Sequence[str],
-              limit: int | float | None = None, num_fewshot: int | None = None, batch_size: int = 8
-              ) -> dict[str, LmEvalResult]:
+              limit: int | float | None = None, batch_size: int = 8) -> dict[str, LmEvalResult]:
     """lm-eval scores per intervention (an empty hook list is the model as loaded)."""
     lm = lm_eval_model(model, batch_size)
-    return {name: run_lm_eval(lm, tasks, model.bridge.hooks(fwd_hooks=list(hooks)), limit, num_fewshot)
+    return {name: run_lm_eval(lm, tasks, model.bridge.hooks(fwd_hooks=list(hooks)), limit)
             for name, hooks in interventions.items()}
 
 
 def task_coherence(model: LoadedModel, interventions: Sequence[Intervention], tasks: Sequence[str],
                    limit: int | None, batch_size: int, progress: Progress = NO_PROGRESS) -> dict[str, TaskCoherence]:
-    """Each task under each intervention, one lm-eval call apiece (`tlrefusal eval`'s coherence section).
+    """Each task under each intervention, one lm-eval call apiece (`tlrefusal eval`'s coherence section),
+    keyed by the task's name as given (without ":SHOTS"; the shots used are in each result's `n_shot`).
 
     A hub task whose data cannot be fetched is reported unavailable; a local task file that fails is an error.
     """
     lm = lm_eval_model(model, batch_size) if tasks else None
     out: dict[str, TaskCoherence] = {}
     for task in tasks:
+        name = parse_task_spec(task).name
         runs: dict[str, LmEvalResult] = {}
         for iv in interventions:
             try:
                 with progress.task(f"lm-eval: {task}, {iv.name}", total=None):
                     runs[iv.name] = run_lm_eval(lm, [task], model.bridge.hooks(fwd_hooks=list(iv.hooks)), limit=limit)
             except Exception as exc:  # lm-eval and datasets raise many types when the hub is out of reach
-                if Path(task).suffix in (".yaml", ".yml"):
+                if Path(name).suffix in (".yaml", ".yml"):
                     raise
-                out[task] = TaskCoherence(unavailable=f"could not run {task}: {first_line(exc)}")
+                out[name] = TaskCoherence(unavailable=f"could not run {task}: {first_line(exc)}")
                 break
         else:
-            out[task] = TaskCoherence(runs=runs)
+            out[name] = TaskCoherence(runs=runs)
     return out

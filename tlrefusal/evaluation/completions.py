@@ -3,7 +3,8 @@
 RUN/eval/completions/<set>.<intervention>.jsonl holds one {"prompt", "category", "completion"} a line;
 <set>.<intervention>.json beside it records what produced them (`CompletionSetup` plus the intervention and
 a hash of the prompts). A later evaluation whose record is equal reuses the completions instead of
-generating them again; any difference (another model, direction, reply length, dtype or device) regenerates.
+generating them again; any difference (another model, direction, reply length, stop rule, dtype or device)
+regenerates.
 """
 import hashlib
 import json
@@ -39,8 +40,9 @@ class Completion:
 class CompletionSetup:
     """Everything besides the prompts and the intervention that decides what greedy decoding produces.
 
-    `overrides` holds only what differs from the run's own setup (a candidate direction picked by layer and
-    position, another dtype or device), so completions recorded without any override stay reusable.
+    `overrides` holds only what differs from the run's own setup and the default stop rule (a candidate
+    direction picked by layer and position, another dtype or device, stopping at EOS only), so completions
+    recorded without any override stay reusable.
     """
 
     model: str  # the folder or file the weights were loaded from
@@ -70,6 +72,8 @@ def completion_setup(run_dir: Path, run_config: dict, config: EvalConfig, source
     for name in ("dtype", "device"):
         if getattr(config, name) is not None and getattr(config, name) != run_config[name]:
             overrides[name] = getattr(config, name)
+    if config.stop != "turn":
+        overrides["stop"] = config.stop
     return CompletionSetup(model=source.to_json()["loaded_from"], hooked=config.model is None,
                            direction_sha256=digest, max_new_tokens=config.max_new_tokens,
                            overrides=tuple(overrides.items()))
@@ -86,7 +90,7 @@ def completions(out_dir: Path, eval_set: EvalSet, intervention: Intervention, se
         return [Completion.from_json(json.loads(line)) for line in read_text(jsonl).splitlines()]
     with progress.task(f"Completions: {eval_set.name}, {intervention.name}", total=len(eval_set.prompts)) as advance:
         replies = greedy_completions(model, chat, eval_set.instructions, config.max_new_tokens, intervention.hooks,
-                                     batch_size=config.batch_size, advance=advance)
+                                     batch_size=config.batch_size, advance=advance, stop=config.stop)
     rows = [Completion(p.instruction, p.category, reply) for p, reply in zip(eval_set.prompts, replies, strict=True)]
     artifacts.write_text(jsonl, "".join(json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in rows))
     artifacts.write_json(record_path, record)

@@ -1,6 +1,8 @@
-"""`EvalConfig`: what `tlrefusal eval` evaluates and how, with the paper's defaults.
+"""`EvalConfig`: what `tlrefusal eval` evaluates and how, with fast defaults, and the `paper` preset.
 
-The resolved config is recorded in RUN/eval/report.json.
+The defaults run on a CPU in minutes. `EvalConfig.resolve(paper=True, ...)` (`tlrefusal eval --paper`) sets
+what the original code did (`paper_settings`); settings given explicitly override the preset. The resolved
+config, with `paper`, is recorded in RUN/eval/report.json.
 """
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -10,6 +12,14 @@ from tlrefusal.evaluation.coherence import DEFAULT_TASKS
 from tlrefusal.model import check_dtype
 
 CE_DATASETS = ("pile", "alpaca", "on-distribution")
+# How the evaluation sets are drawn (`tlrefusal.evaluation.sets`):
+# "held-out": n prompts of each pool, seeded, leaving out every prompt the run sampled;
+# "paper": harmful sets whole, in order; harmless sets drawn from the run's own seeded sampling stream,
+#          continued after its four train/val draws (the original's harmless_test sample).
+EVAL_SETS = ("held-out", "paper")
+# Where a reply stops (`tlrefusal.generation`): "turn": EOS or the template's end-of-turn token;
+# "eos": the tokenizer's EOS only (the original code: Llama-3 replies run on past <|eot_id|>).
+STOPS = ("turn", "eos")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +41,9 @@ class EvalConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS  # lm-eval task names or local task YAML files; () for none
     coherence_limit: int | None = 100  # documents per lm-eval (sub)task; None: all (the paper)
     seed: int = 42
+    eval_sets: str = "held-out"  # see EVAL_SETS; the paper: "paper"
+    stop: str = "turn"  # see STOPS; the paper: "eos"
+    paper: bool = False  # the `paper_settings` preset was applied (recorded in the report)
     # Any candidate the run scored instead of its chosen direction (both or neither).
     layer: int | None = None
     position: int | None = None
@@ -44,6 +57,9 @@ class EvalConfig:
         for name in ("n", "max_new_tokens", "batch_size", "ce_n"):
             if getattr(self, name) < 1:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, choices in (("eval_sets", EVAL_SETS), ("stop", STOPS)):
+            if getattr(self, name) not in choices:
+                raise TlrefusalError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.actadd_sign not in ("paper", "plus"):
             raise TlrefusalError(f"actadd_sign must be 'paper' or 'plus', got {self.actadd_sign!r}")
         unknown = set(self.ce) - set(CE_DATASETS)
@@ -53,6 +69,11 @@ class EvalConfig:
             raise TlrefusalError("layer and position go together: give both to pick a candidate, or neither")
         if self.dtype is not None:
             check_dtype(self.dtype)
+
+    @classmethod
+    def resolve(cls, paper: bool = False, **given) -> "EvalConfig":
+        """The config from the settings given explicitly, over the paper's preset if `paper`, over the defaults."""
+        return cls(**{**(paper_settings() if paper else {}), **given})
 
     @property
     def picks_candidate(self) -> bool:
@@ -71,3 +92,14 @@ class EvalConfig:
         if values.get("guard_model") is not None:
             values["guard_model"] = Path(values["guard_model"])
         return cls(**values)
+
+
+def paper_settings() -> dict:
+    """What the original code evaluates (SPEC 1.8-1.11): JailbreakBench whole and 100 harmless test prompts
+    from the seed-42 stream, replies stopped at EOS only, 512 new tokens, -r on harmful prompts, CE over
+    2,048 batches of 2 sequences per dataset, and the paper's benchmark settings on every document."""
+    from tlrefusal.evaluation.coherence import PAPER_TASKS
+
+    return {"paper": True, "harmful": ("jailbreakbench",), "eval_sets": "paper", "stop": "eos", "n": 100,
+            "max_new_tokens": 512, "actadd_sign": "paper", "ce_n": 4096, "tasks": PAPER_TASKS,
+            "coherence_limit": None}

@@ -3,7 +3,11 @@
 A `LossSequence` is token ids and the index of the first token whose prediction counts:
 - the Pile: raw text, no template, truncated to 256 tokens; every token after the first counts;
 - Alpaca and on-distribution: the instruction in the chat template, then a reply (Alpaca's reference
-  output, or the model's own baseline completion); only the reply tokens count.
+  output, or the model's own baseline completion), tokenized together as one string, as the original
+  code does (SPEC 1.10); the tokens after the first run of post-instruction tokens count (`eoi_end`).
+  Where the template's last token and the reply's first merge (Llama-2: '[/INST] ' + 'Sure' gives
+  ']', '▁Sure'), the original finds the run only by its fuzzy match and the reply's first token is not
+  scored; this module does the same.
 """
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,10 +40,25 @@ def text_sequence(tokenizer, text: str, max_tokens: int = PILE_MAX_TOKENS) -> Lo
 
 
 def reply_sequence(chat: ChatFormat, instruction: str, reply: str) -> LossSequence | None:
-    """Instruction in chat format + reply; only the reply's tokens count (the paper's loss mask)."""
-    prompt = chat.tokenizer.encode(chat.format(instruction), add_special_tokens=False)
-    reply_ids = chat.tokenizer.encode(reply, add_special_tokens=False)
-    return LossSequence(prompt + reply_ids, len(prompt)) if reply_ids else None
+    """Instruction in chat format + reply, tokenized as one string; the tokens after the first eoi run count.
+
+    None when nothing would be scored: an empty reply, or no eoi run found (the original would then
+    score the prompt's tokens too)."""
+    ids = chat.text_ids(chat.format(instruction) + reply)
+    first = eoi_end(ids, chat.eoi_ids)
+    return LossSequence(ids, first) if first is not None and first < len(ids) else None
+
+
+def eoi_end(ids: Sequence[int], eoi: Sequence[int]) -> int | None:
+    """The index after the first run of the post-instruction tokens `eoi` in `ids` (the original's loss mask,
+    `evaluate_loss.py`): scanning i from 0, the first i where ids[i:i+n] equals eoi, or, for a 6-token eoi
+    (Llama-2's tokenization is not clean), where at least 4 of the 6 match; None if there is none."""
+    n = len(eoi)
+    for i in range(len(ids) - n + 1):
+        matches = sum(a == b for a, b in zip(ids[i:i + n], eoi, strict=True))
+        if matches == n or (n == 6 and matches >= n - 2):
+            return i + n
+    return None
 
 
 @dataclass(frozen=True)

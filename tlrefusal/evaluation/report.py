@@ -39,7 +39,7 @@ class EvalReport:
 
     def to_json(self) -> dict:
         return {"tool_version": self.tool_version, "run": self.run, "config": self.config.to_json(),
-                "model": self.model.to_json(), "hooked": self.hooked, "direction": self.direction.to_json(),
+                "paper": self.config.paper, "model": self.model.to_json(), "hooked": self.hooked, "direction": self.direction.to_json(),
                 "refusal_and_safety": {k: v.to_json() for k, v in self.refusal_and_safety.items()},
                 "ce_loss": {k: v.to_json() for k, v in self.ce_loss.items()},
                 "coherence": {k: v.to_json() for k, v in self.coherence.items()},
@@ -65,7 +65,7 @@ def markdown_report(report: EvalReport) -> str:
     lines = [f"# tlrefusal eval: {report.run}", "",
              f"Model `{report.model.spec}`{' with hooks' if report.hooked else ' as loaded (no hooks)'}; "
              f"direction at layer {d.layer}, position {d.position}, norm {d.norm:.4g}; "
-             f"greedy, {report.config.max_new_tokens} new tokens.", ""]
+             f"greedy, {report.config.max_new_tokens} new tokens.", "", settings_line(report.config), ""]
     lines += _refusal_lines(report.refusal_and_safety) + _ce_lines(report.ce_loss)
     if report.coherence:
         lines += _coherence_lines(report.coherence)
@@ -73,6 +73,14 @@ def markdown_report(report: EvalReport) -> str:
         lines += _magnitude_lines(report.magnitude, d.layer)
     lines += ["", f"Time: {report.seconds} s.", ""]
     return "\n".join(lines)
+
+
+def settings_line(config: EvalConfig) -> str:
+    """The settings that decide the numbers, and whether they are the paper's (`--paper`)."""
+    return (f"Settings: {'the paper preset (--paper)' if config.paper else 'tlrefusal defaults'}; "
+            f"evaluation sets {config.eval_sets}, stop at {config.stop}, actadd sign {config.actadd_sign}, "
+            f"CE {config.ce_n} sequences per dataset, coherence "
+            f"{', '.join(config.tasks) or 'none'} ({config.coherence_limit or 'all'} documents per task).")
 
 
 def _refusal_lines(scores: dict[str, DatasetScores]) -> list[str]:

@@ -50,7 +50,7 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
     source = resolve_source(config.model or run_config["model"], cache_dir, progress)
     model = load_model(source, config.dtype or run_config["dtype"], config.device or run_config["device"],
                        run_config["trust_remote_code"], progress)
-    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    chat = ChatFormat.for_run(run_dir, model.tokenizer)
     if direction.vector.shape[0] != model.d_model:
         raise TlrefusalError(f"the run's direction has width {direction.vector.shape[0]}, the model {model.d_model}")
     r, layer = direction.vector, direction.layer
