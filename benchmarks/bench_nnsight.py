@@ -7,15 +7,19 @@ Hugging Face model (the TransformerBridge wraps its model's modules in place). S
 - extraction: mean resid_pre at every layer and post-instruction position over harmful + harmless train
   (median of --repeats runs after a warm-up), and the candidate directions they give;
 - selection: bypass / induce / KL of every candidate the layer filter keeps, by tlrefusal (`score_candidates`,
-  with its exact speed levers) and by NNsight running the paper's algorithm (3 full passes per candidate),
-  both scoring tlrefusal's candidate directions, so the scores compare one to one;
+  with its exact speed levers) and by NNsight running the paper's algorithm (3 full passes per candidate)
+  on the NNsight side's own candidate directions, then the paper's filters and choice on each side;
 - generation: greedy completions of held-out harmful and harmless prompts (the splits' test sets) under the
   intervention table (`tlrefusal.interventions`: no intervention, ablation of the chosen direction, and
   activation addition, -r on harmful and +r on harmless, at the chosen layer), by all three sides; plain
   PyTorch with no intervention is `generate` without hooks.
 
-Fidelity: cosine and max |difference| of the candidate directions; max |difference| of every score; the
-(position, layer) the paper's filters choose; identical completions per intervention, and for each one that
+The NNsight and plain PyTorch sides are written on their own (`reference_steps.py`): they format and tokenize
+prompts, find the post-instruction positions and refusal tokens, hook, score and choose without tlrefusal's
+code, so the comparison checks tlrefusal against an independent implementation of the paper's steps.
+
+Fidelity: the post-instruction tokens and refusal token ids each side derives; cosine and max |difference|
+of the candidate directions; max |difference| of every score; the (position, layer) the paper's filters choose; identical completions per intervention, and for each one that
 differs, how close to a tie the greedy choice was where they part. Cost: seconds, prompt passes and FLOPs
 (counted by torch's FlopCounterMode) per step. Results: JSON under benchmarks/results/.
 
@@ -74,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     splits = splits_dir(args.paper_data)
 
-    from reference_steps import NNsightSteps, PlainSteps
-    from transformers import AutoModelForCausalLM
+    from reference_steps import NNsightSteps, PlainSteps, paper_choice
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tlrefusal import __version__
     from tlrefusal.activations import candidate_directions, mean_activations
@@ -97,7 +101,15 @@ def main(argv: list[str] | None = None) -> dict:
     val = {label: [p.instruction for p in getattr(splits, f"{label}_val")] for label in ("harmful", "harmless")}
 
     hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, attn_implementation="eager").eval()
-    others = [NNsightSteps(hf, chat), PlainSteps(hf, chat)]
+    tokenizer = AutoTokenizer.from_pretrained(source.path)  # the reference sides' own copy, as published
+    others = [NNsightSteps(hf, tokenizer), PlainSteps(hf, tokenizer)]
+    reference = others[0].chat
+    ref_refusal_ids = reference.refusal_ids(hf.config.model_type)
+    fidelity: dict = {"format": {
+        "eoi_ids": {"tlrefusal": list(chat.eoi_ids), "reference": reference.eoi_ids},
+        "refusal_ids": {"tlrefusal": list(refusal_ids), "reference": ref_refusal_ids},
+        "same": list(chat.eoi_ids) == reference.eoi_ids and sorted(refusal_ids) == sorted(ref_refusal_ids)},
+        "candidates": {}}
     means_fn = {"tlrefusal": lambda prompts: mean_activations(model, chat, prompts)}
     means_fn |= {impl.name: impl.mean_activations for impl in others}
 
@@ -106,16 +118,19 @@ def main(argv: list[str] | None = None) -> dict:
     for name, fn in means_fn.items():
         (harmful, harmless), seconds, runs = timed(lambda fn=fn: (fn(train["harmful"]), fn(train["harmless"])),
                                                    args.repeats)
-        candidates[name] = candidate_directions(harmful, harmless)
+        # tlrefusal's difference in means, and the reference sides' own (SPEC 1.4).
+        candidates[name] = candidate_directions(harmful, harmless) if name == "tlrefusal" else harmful - harmless
         extraction[name] = {"median_seconds": seconds, "runs": runs,
                             "prompt_passes": len(train["harmful"]) + len(train["harmless"])}
         if not args.no_flops:
             _, flops = counted(lambda fn=fn: (fn(train["harmful"]), fn(train["harmless"])))
             extraction[name] |= {"gflops": flops / 1e9, "gflops_per_second": flops / 1e9 / seconds}
     ours = candidates["tlrefusal"]
-    fidelity: dict = {"candidates": {}}
     for name in ("nnsight", "plain torch"):
         theirs = candidates[name]
+        if theirs.shape != ours.shape:  # another number of post-instruction positions: nothing to compare
+            fidelity["candidates"][name] = {"shape": {"tlrefusal": list(ours.shape), name: list(theirs.shape)}}
+            continue
         a, b = ours.flatten(0, 1), theirs.flatten(0, 1)
         # Layer 0 at template tokens: harmful and harmless prompts share the embedding, so r = 0 exactly.
         nonzero = (a.norm(dim=-1) > 0) & (b.norm(dim=-1) > 0)
@@ -131,18 +146,21 @@ def main(argv: list[str] | None = None) -> dict:
         our_scores = score_candidates(model, chat, ours, val["harmful"], val["harmless"], refusal_ids, config)
         our_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        nn_scores = others[0].score_candidates(ours, val["harmful"], val["harmless"], refusal_ids, first_pruned)
+        nn_scores = others[0].score_candidates(candidates["nnsight"], val["harmful"], val["harmless"],
+                                               ref_refusal_ids, first_pruned)
         nn_seconds = time.perf_counter() - started
-        diffs = {key: max(abs(getattr(a, key) - getattr(b, key)) for a, b in zip(our_scores, nn_scores, strict=True)
-                          if a.layer < first_pruned)
+        theirs_by_candidate = {(s.position, s.layer): s for s in nn_scores}
+        pairs = [(a, theirs_by_candidate.get((a.position, a.layer))) for a in our_scores if a.layer < first_pruned]
+        diffs = {key: max((abs(getattr(a, key) - getattr(b, key)) if b is not None else math.inf)
+                          for a, b in pairs)
                  for key in ("bypass_score", "induce_score", "kl_score")}
-        chosen = {name: choose(scores, model.n_layers, config).chosen for name, scores in
-                  (("tlrefusal", our_scores), ("nnsight", nn_scores))}
+        chosen = {"tlrefusal": choose(our_scores, model.n_layers, config).chosen,
+                  "nnsight": paper_choice(nn_scores, model.n_layers, args.prune)}
         n_scored = sum(1 for s in our_scores if s.layer < first_pruned)
         n_h, n_l = len(val["harmful"]), len(val["harmless"])
         seconds = {"tlrefusal": our_seconds, "nnsight": nn_seconds}
-        flops = None if args.no_flops else scoring_flops(model, chat, ours, val, refusal_ids, others[0], n_scored,
-                                                          seconds)
+        flops = None if args.no_flops else scoring_flops(model, chat, ours, val, refusal_ids, ref_refusal_ids,
+                                                          others[0], candidates["nnsight"], n_scored, seconds)
         direction = generation_direction(chat, our_scores, chosen["tlrefusal"], model.n_layers, args.prune)
         selection = {
             "candidates_scored": n_scored,
@@ -155,6 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
             "forward_calls": {"tlrefusal": "batches of harmful+harmless val together, plus one head pass per hook set",
                               "nnsight": "one per batch per prompt set per candidate"},
             "max_abs_score_diff": diffs,
+            "scores": {name: [{k: getattr(s, k) for k in ("position", "layer", "bypass_score", "induce_score",
+                                                         "kl_score")} for s in scores if s.layer < first_pruned]
+                       for name, scores in (("tlrefusal", our_scores), ("nnsight", nn_scores))},
             "chosen": {k: (None if c is None else [c.position, c.layer]) for k, c in chosen.items()},
             "same_choice": (chosen["tlrefusal"] is None) == (chosen["nnsight"] is None) and (
                 chosen["tlrefusal"] is None or (chosen["tlrefusal"].position, chosen["tlrefusal"].layer)
@@ -192,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def scoring_flops(model, chat, ours, val: dict, refusal_ids, nnsight_side, n_scored: int, seconds: dict) -> dict:
+def scoring_flops(model, chat, ours, val: dict, refusal_ids, ref_refusal_ids, nnsight_side, theirs, n_scored: int,
+                  seconds: dict) -> dict:
     """FLOPs of candidate scoring per side: a counted base pass, then a counted run scoring only the layer-0
     candidates (FLOPs per candidate do not depend on the layer on either side); total = base + per candidate x
     candidates scored."""
@@ -205,7 +227,8 @@ def scoring_flops(model, chat, ours, val: dict, refusal_ids, nnsight_side, n_sco
                       lambda: score_candidates(model, chat, ours, val["harmful"], val["harmless"], refusal_ids,
                                                one_layer)),
         "nnsight": (lambda: nnsight_side.last_logits(val["harmless"]),
-                    lambda: nnsight_side.score_candidates(ours, val["harmful"], val["harmless"], refusal_ids, 1)),
+                    lambda: nnsight_side.score_candidates(theirs, val["harmful"], val["harmless"], ref_refusal_ids,
+                                                          1)),
     }
     out = {}
     for name, (base_run, first_layer_run) in runs.items():
@@ -274,6 +297,8 @@ def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens
     tokens where they part (plain PyTorch, same intervention): a near-tie is float rounding between
     frameworks, a large gap would be a bug.
     """
+    from reference_steps import is_refusal
+
     from tlrefusal.generation import until_stop
     from tlrefusal.interventions import intervention_table
     from tlrefusal.refusal import judge_replies
@@ -300,10 +325,13 @@ def generation_check(model, chat, others, r, layer: int, prompts: dict, n_tokens
                 replies[name][label] = [until_stop(t, stops) for t in run(batch, rows[label])]
             entry["seconds"][name] = time.perf_counter() - started
             entry["tokens_per_second"][name] = sum(map(len, prompts.values())) * n_tokens / entry["seconds"][name]
+            texts = {label: [chat.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+                     for label, tokens in replies[name].items()}
+            # Each side judges its own replies: tlrefusal with its judge, the reference sides with theirs.
             entry["refusal"][name] = {
-                label: judge_replies(prompts[label], [chat.tokenizer.decode(t, skip_special_tokens=True)
-                                                      for t in tokens]).rate
-                for label, tokens in replies[name].items()}
+                label: (judge_replies(prompts[label], texts[label]).rate if name == "tlrefusal"
+                        else sum(map(is_refusal, texts[label])) / len(texts[label]))
+                for label in texts}
             if kind == "baseline":
                 baseline[name] = replies[name]
             entry["changed_from_baseline"][name] = sum(

@@ -1,10 +1,12 @@
-"""Smoke runs of the benchmarks on tiny inputs: they run end to end and write what they promise.
+"""Smoke runs of the benchmarks on tiny inputs: they run end to end, and the numbers they report agree with a
+recomputation here from what they wrote (per-candidate scores, files on disk) and with the paper's rules.
 
 The full benchmarks (paper sizes, the demo model, the organism build) are not CI tests; see
 benchmarks/README.md. The benchmarks that read the paper's splits get the paper's data folder as a flag
 (`--paper-data`); the tests pass the one beside the checkout and skip when it is not there.
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,6 +75,59 @@ def test_bench_nnsight_reads_the_activation_addition_signs_from_the_intervention
             assert bench_nnsight._reference_setup(table.by_kind(label, "baseline"), r, 1) == {}
 
 
+# SPEC 2: post-instruction token count and refusal token ids of the paper's five families.
+SPEC_FORMATS = {"qwen": ("qwen", 5, [40, 2121]), "gemma": ("gemma", 5, [235285]), "llama3": ("llama", 5, [40]),
+                "yi": ("llama", 6, [59597]), "llama2": ("llama", 6, [306])}
+
+
+@pytest.mark.parametrize("family", sorted(SPEC_FORMATS))
+def test_nnsight_reference_formats_the_paper_families_as_spec_section_2_and_as_tlrefusal(family):
+    """The benchmark's independent chat format on the families' real tokenizers and real chat-template texts:
+    SPEC 2's post-instruction counts and refusal ids, and the same prompt tokens as tlrefusal's ChatFormat."""
+    from reference_steps import ReplicationChat
+
+    from tests.test_paper_templates import REAL_TEMPLATES, chat_tokenizer, real_chat
+
+    tokenizer = chat_tokenizer(family)
+    tokenizer.chat_template = REAL_TEMPLATES[family]
+    model_type, n_eoi, refusal_ids = SPEC_FORMATS[family]
+    reference = ReplicationChat(tokenizer)
+    assert (len(reference.eoi_ids), reference.refusal_ids(model_type)) == (n_eoi, refusal_ids)
+    assert reference.render("x").endswith(("\n", " "))  # the replication's trailing-space rule
+    ours = real_chat(family)
+    assert list(ours.eoi_ids) == reference.eoi_ids and ours.positions == reference.positions
+    for prompt in ("Write a poem about the sea.", "Hi"):
+        assert ours.prompt_ids(prompt) == reference.prompt_ids(prompt)
+
+
+def test_nnsight_reference_math_is_the_papers_formulas():
+    """The reference side's scores and rejection, against numbers worked out by hand."""
+    from reference_steps import (
+        Score,
+        is_refusal,
+        kl_base_to_new,
+        paper_choice,
+        refusal_log_odds,
+        reject,
+        unit_of,
+    )
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64))
+    # P_ref = 0.25 + 0.25: log-odds log(0.5 + 1e-8) - log(0.5 + 1e-8) = 0; P_ref = 0.25: log(1/3).
+    assert refusal_log_odds(logits, [1, 2]).item() == pytest.approx(0.0, abs=1e-12)
+    assert refusal_log_odds(logits, [1]).item() == pytest.approx(math.log((0.25 + 1e-8) / (0.75 + 1e-8)))
+    other = torch.log(torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64))
+    # KL(P_base || P_new) = 0.5 log(0.5/0.25) + 0.25 log(0.25/0.5) (+ eps), not the reverse.
+    assert kl_base_to_new(logits, other).item() == pytest.approx(0.25 * math.log(2), abs=1e-5)
+    x, r = torch.tensor([[3.0, 4.0]]), torch.tensor([2.0, 0.0])
+    assert torch.allclose(reject(x, unit_of(r)).double(), torch.tensor([[0.0, 4.0]], dtype=torch.float64), atol=1e-7)
+    assert is_refusal("well, i CAN'T do that") and not is_refusal("Sure, here it is")
+    nan = float("nan")
+    scores = [Score(-1, 0, -2.0, 0.5, 0.05), Score(-1, 1, -3.0, -0.1, 0.05), Score(-1, 2, -4.0, 0.5, 0.2),
+              Score(-2, 0, -1.0, 0.5, 0.05), Score(-2, 3, -9.0, 0.5, 0.0), Score(-2, 1, nan, 0.5, 0.0)]
+    assert paper_choice(scores, n_layers=4, prune=0.2) == scores[0]  # layer 3 >= int(4 * 0.8) is pruned
+
+
 def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
     pytest.importorskip("nnsight", reason="the bench extra is not installed")
     import bench_nnsight
@@ -81,20 +136,35 @@ def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
     report = bench_nnsight.main(paper_data_flag() + ["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
                                  "--prune", "0.5", "--repeats", "1", "--gen-prompts", "2", "--gen-tokens", "3",
                                  "--out", str(out)])
-    assert json.loads(out.read_text())["benchmark"] == "nnsight"
-    for name in ("nnsight", "plain torch"):  # same numbers on all three sides
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    # The independent side finds the same post-instruction tokens (the tiny model's ChatML template: 5) and
+    # refusal tokens (a llama config: 'I' alone).
+    fmt = report["fidelity"]["format"]
+    assert fmt["same"] and len(fmt["eoi_ids"]["reference"]) == 5 and len(fmt["refusal_ids"]["reference"]) == 1
+    for name in ("nnsight", "plain torch"):  # same candidate directions on all three sides
         assert report["fidelity"]["candidates"][name]["max_abs_diff"] < 1e-5
     selection = report["selection"]
-    assert selection["candidates_scored"] == 5 * 2  # 5 positions (qwen template) x layers 0-1 of 4
-    assert max(selection["max_abs_score_diff"].values()) < 1e-3
+    assert selection["candidates_scored"] == 5 * 2  # 5 positions x layers 0-1 of 4
+    # Every score of each side, candidate by candidate: the reported differences are recomputed here.
+    ours, theirs = ({(s["position"], s["layer"]): s for s in selection["scores"][name]} for name in
+                    ("tlrefusal", "nnsight"))
+    assert set(ours) == set(theirs) == {(p, layer) for p in range(-5, 0) for layer in (0, 1)}
+    for key, reported in selection["max_abs_score_diff"].items():
+        assert reported == max(abs(ours[c][key] - theirs[c][key]) for c in ours) and reported < 1e-3
+    # The choice of each side is the paper's rule applied here to its scores (layer < int(4 * 0.5) holds).
+    for name, scores in (("tlrefusal", ours), ("nnsight", theirs)):
+        kept = [s for s in scores.values() if s["kl_score"] <= 0.1 and s["induce_score"] >= 0.0]
+        best = min(kept, key=lambda s: s["bypass_score"], default=None)
+        assert selection["chosen"][name] == (None if best is None else [best["position"], best["layer"]])
+    assert selection["same_choice"] == (selection["chosen"]["tlrefusal"] == selection["chosen"]["nnsight"])
     assert selection["same_choice"]
     assert all(f["gflops_per_candidate"] > 0 for f in selection["flops"].values())
-    assert all(report["extraction"][name]["gflops"] > 0 for name in ("tlrefusal", "nnsight", "plain torch"))
     generation = report["generation"]
     assert set(generation["interventions"]) == {"baseline", "ablation", "actadd"}
     for entry in generation["interventions"].values():  # greedy on a float32 model: the same tokens everywhere
         assert all(v["identical"] == 4 and v["differ"] == 0 for v in entry["vs_tlrefusal"].values())
-        assert min(entry["tokens_per_second"].values()) > 0
+        # The same replies, each side judging them with its own substring list: the same refusal rates.
+        assert entry["refusal"]["nnsight"] == entry["refusal"]["plain torch"] == entry["refusal"]["tlrefusal"]
 
 
 def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
@@ -104,8 +174,21 @@ def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
     report = bench_orthogonalize.main(["--model", str(tiny_dirs["llama_tied"]), "--shard-size", "40KB",
                                        "--out", str(out)])
     rows = report["rows"]
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert [r["shards"] for r in rows][0] == 1 and rows[1]["shards"] > 1
-    assert all(r["peak_rss_mb"] > 0 and r["checkpoint_mb"] > 0 for r in rows)
+    # The sizes it reports, recomputed from the checkpoint's files: bytes on disk and the largest tensor.
+    files = list(tiny_dirs["llama_tied"].glob("*.safetensors"))
+    assert rows[0]["checkpoint_mb"] == pytest.approx(sum(f.stat().st_size for f in files) / 2**20)
+    from safetensors import safe_open
+
+    largest = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            largest = max([largest] + [handle.get_tensor(k).nbytes for k in handle.keys()])  # noqa: SIM118
+    for row in rows:  # re-sharding moves tensors, never resizes them
+        assert row["largest_tensor_mb"] == pytest.approx(largest / 2**20)
+        assert row["streaming_rss_mb"] == pytest.approx(row["peak_rss_mb"] - row["baseline_rss_mb"])
+        assert row["streaming_over_largest_tensor"] == pytest.approx(row["streaming_rss_mb"] / (largest / 2**20))
 
 
 def test_bench_extract_smoke(tiny_dirs, tmp_path):
@@ -115,7 +198,19 @@ def test_bench_extract_smoke(tiny_dirs, tmp_path):
     report = bench_extract.main(paper_data_flag() + ["--model", str(tiny_dirs["llama"]), "--n-train", "4", "--n-val", "2",
                                  "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert report["n_train"] == 4 and sum(report["filter_counts"].values()) > 0
+    # The tiny model: 4 layers, the ChatML template's 5 post-instruction tokens; the paper's layer filter
+    # prunes layers >= int(4 * 0.8) = 3, so 5 x 3 candidates are scored.
+    assert (report["n_layers"], report["n_positions"]) == (4, 5)
+    assert (report["candidates_total"], report["candidates_scored"]) == (20, 15)
+    counts = report["filter_counts"]
+    assert sum(counts.values()) == 20 and counts["layer >= 3"] == 5
+    assert (report["chosen"] is None) == ("kept" not in counts)
+    # Prompt passes: 4 + 4 train; 2 harmless baseline, then per scored candidate 2 harmful + 2 x 2 harmless.
+    passes = report["prompt_forward_passes"]
+    assert (passes["candidates"], passes["selection"]) == (8, 2 + 15 * (2 + 2 * 2))
+    for step, n in passes.items():  # both rounded to 2 decimals: seconds, and ms per pass
+        ms, seconds = report["ms_per_prompt_pass"][step], report["seconds"][step]
+        assert abs(ms * n / 1000 - seconds) <= 0.005 + 0.005 * n / 1000 + 1e-9
 
 
 def test_bench_organism_smoke(tiny_dirs, tmp_path):

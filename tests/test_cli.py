@@ -4,6 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from tests.tiny import save_tiny_model
 from tlrefusal import artifacts
 from tlrefusal.cli import app
 
@@ -325,7 +326,11 @@ def test_a_kl_filter_that_drops_every_candidate_says_which_threshold_keeps_the_b
     import re
 
     out = tmp_path / "run"
-    args = extract_args(tiny_dirs["llama"], out, prompt_files, "--no-filter", "--induce-threshold", "-1e9",
+    # GPT-2's learned positional embedding makes every candidate direction non-zero. (In a model without one,
+    # layer 0's directions are zero, as harmful and harmless prompts end in the same tokens, and their KL is 0
+    # up to rounding, which a threshold of 0 may keep.)
+    model_dir = save_tiny_model(tmp_path / "gpt2", arch="gpt2")
+    args = extract_args(model_dir, out, prompt_files, "--no-filter", "--induce-threshold", "-1e9",
                         "--kl-threshold", "0")
     code, output = run(args)
     assert code == 1 and "Only the KL filter dropped the best of them" in output

@@ -92,7 +92,7 @@ def test_orthogonalized_checkpoint_equals_hook_ablation(arch, tie, tmp_path):
     torch.testing.assert_close(ours, ablated, atol=1e-4, rtol=0)
 
     record = json.loads((result.out / RECORD).read_text())
-    assert record["untied_embeddings"] == tie and record["exact"]
+    assert record["tied_embeddings"] == ("untie" if tie else None) and record["exact"]
     if tie:  # the unembedding keeps the original matrix; the embedding is edited
         assert not exported.config.tie_word_embeddings
         assert torch.equal(exported.get_output_embeddings().weight, source.get_input_embeddings().weight)
@@ -186,6 +186,12 @@ def test_verification_is_built_in_and_recorded(tmp_path):
     assert "max |logit" in card and f"{check.greedy_equal} of {check.n_prompts}" in card
     on_disk = json.loads((result.out / RECORD).read_text())
     assert on_disk == result.record.to_json() and ExportRecord.from_json(on_disk) == result.record
+    assert on_disk["tied_embeddings"] is None and on_disk["verification"]["reference"] == "hook ablation"
+    # A record written before --tied-embeddings existed (the demo reuses old exports) still reads.
+    old = {k: v for k, v in on_disk.items() if k != "tied_embeddings"} | {"untied_embeddings": True}
+    old["verification"] = {k: v for k, v in on_disk["verification"].items() if k != "reference"}
+    assert ExportRecord.from_json(old).tied_embeddings == "untie"
+    assert ExportRecord.from_json(old).verification == result.record.verification
 
 
 def test_verification_dtype_defaults_to_the_checkpoints_and_can_be_chosen(tmp_path, monkeypatch):
@@ -341,6 +347,14 @@ def test_cli_orthogonalize(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "verified" in result.output and "untied the embeddings" in result.output
+    shared = runner.invoke(app, [*args[:-1], str(tmp_path / "cli_shared"), "--tied-embeddings", "shared",
+                                 "--no-verify"])  # the verification of "shared" is tested below
+    assert shared.exit_code == 0, shared.output
+    said = " ".join(shared.output.split())  # the console wraps long lines
+    assert "edited the shared embedding and unembedding" in said and "not equal to hook ablation" in said
+    bad = runner.invoke(app, [*args[:-1], str(tmp_path / "cli_bad"), "--tied-embeddings", "both"])
+    assert bad.exit_code == 1 and "choose from untie, shared" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "cli_bad").exists()
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "not empty" in again.output and "Traceback" not in again.output
     missing = runner.invoke(app, ["orthogonalize", str(tmp_path / "nope"), "--out",
@@ -357,3 +371,133 @@ def test_demo_model_export_equals_hook_ablation(demo_dir, tmp_path):
     check = record.verification
     assert check.passed and check.max_abs_logit_diff < 1e-3, check
     assert check.greedy_equal == check.n_prompts, check.examples
+
+
+# Tied embeddings (SPEC 1.7, issue 15 item 6): the default unties them, which equals hook ablation;
+# --tied-embeddings shared is the paper's code (one matrix, edited in place), which also edits the
+# unembedding and therefore is NOT hook ablation. References below are plain transformers and torch hooks.
+TIED = ["gemma", "llama_tied"]
+
+
+def unit_direction(direction):
+    return (direction.vector / direction.vector.norm()).double()
+
+
+def rows_orthogonalized(w, r_hat):
+    """E - (E r_hat) r_hat^T for a [vocab, d_model] matrix, written out here."""
+    return w.double() - torch.outer(w.double() @ r_hat, r_hat)
+
+
+def ablate_every_layer(hf, r_hat):
+    """Plain torch hooks on the HF modules: x - (x . r_hat) r_hat on every decoder layer's input (resid_pre)
+    and on every attention and MLP output; returns the handles."""
+    r_hat = r_hat.float()
+
+    def ablate(x):
+        return x - (x @ r_hat).unsqueeze(-1) * r_hat
+
+    def on_input(module, args, kwargs):
+        if args:
+            return (ablate(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": ablate(kwargs["hidden_states"])}
+
+    def on_output(module, args, out):
+        return (ablate(out[0]), *out[1:]) if isinstance(out, tuple) else ablate(out)
+
+    handles = []
+    for layer in hf.model.layers:
+        handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(on_output))
+        handles.append(layer.mlp.register_forward_hook(on_output))
+    return handles
+
+
+def plain_logits(hf, folder, handles=()):
+    """Logits of each PROMPT alone (no padding), then the hooks removed."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        with torch.no_grad():
+            return torch.cat([hf(**tokenizer(p, return_tensors="pt")).logits[0].float() for p in PROMPTS])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", TIED)
+def test_tied_embeddings_are_untied_by_default_and_lm_head_keeps_the_original(name, tiny_dirs, tmp_path):
+    folder = tiny_dirs[name]
+    direction, result = export(folder, tmp_path)
+    src, out = load_file(folder / "model.safetensors"), load_file(result.out / "model.safetensors")
+    assert "lm_head.weight" not in src  # the source stores one matrix
+    embedding = src["model.embed_tokens.weight"]
+    assert torch.equal(out["lm_head.weight"], embedding)
+    torch.testing.assert_close(out["model.embed_tokens.weight"].double(),
+                               rows_orthogonalized(embedding, unit_direction(direction)), atol=1e-6, rtol=0)
+    assert json.loads((result.out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert result.record.tied_embeddings == "untie" and result.record.hook_equivalent
+    assert "lm_head.weight" not in result.record.edited_tensors
+    assert "`lm_head` keeps the original matrix" in (result.out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", TIED)
+def test_shared_tied_embeddings_edit_the_unembedding_too_and_are_not_hook_ablation(name, tiny_dirs, tmp_path):
+    folder = tiny_dirs[name]
+    verify = name == "gemma"  # the built-in verification on one model: it is the slow part
+    direction, result = export(folder, tmp_path, verify=verify, tied_embeddings="shared")
+    r_hat = unit_direction(direction)
+    src, out = load_file(folder / "model.safetensors"), load_file(result.out / "model.safetensors")
+    edited = rows_orthogonalized(src["model.embed_tokens.weight"], r_hat)
+
+    # One matrix, still tied, equal to E - (E r_hat) r_hat^T, as plain transformers loads it.
+    assert "lm_head.weight" not in out
+    assert json.loads((result.out / "config.json").read_text())["tie_word_embeddings"] is True
+    exported = AutoModelForCausalLM.from_pretrained(result.out, dtype=torch.float32).eval()
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(exported.lm_head.weight.double(), edited, atol=1e-6, rtol=0)
+
+    # Reference: the source under plain ablation hooks at every layer, with lm_head's weight replaced by the
+    # edited matrix (a new Parameter: the source's embedding keeps its original values).
+    source = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hooks_only = plain_logits(source, folder, ablate_every_layer(source, r_hat))
+    source.lm_head.weight = torch.nn.Parameter(edited.float())
+    assert torch.equal(source.model.embed_tokens.weight, src["model.embed_tokens.weight"])
+    reference = plain_logits(source, folder, ablate_every_layer(source, r_hat))
+    ours = plain_logits(exported, result.out)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+    assert (ours - hooks_only).abs().max() > 1e-2  # not hook ablation: the unembedding changed
+
+    record = result.record
+    assert record.tied_embeddings == "shared" and not record.hook_equivalent
+    assert json.loads((result.out / RECORD).read_text())["tied_embeddings"] == "shared"
+    check = record.verification
+    if verify:  # against hook ablation alone it would fail (and raise): ours - hooks_only > 1e-2 above
+        assert check.reference == "hook ablation + orthogonalized unembedding"
+        assert check.passed and check.max_abs_logit_diff < 1e-4 and check.greedy_equal == check.n_prompts
+    card = (result.out / "README.md").read_text()
+    assert "**Not equal to hook ablation**" in card and "`--tied-embeddings shared`" in card
+
+
+def test_shared_tied_embeddings_are_refused_for_an_untied_model(tiny_dirs, tmp_path):
+    with pytest.raises(TlrefusalError, match="does not tie its unembedding") as info:
+        export(tiny_dirs["llama"], tmp_path, tied_embeddings="shared")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    _, result = export(tiny_dirs["llama"], tmp_path)  # the default has nothing to untie: recorded as None
+    assert result.record.tied_embeddings is None
+    assert json.loads((result.out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_shared_mode_edits_a_stored_copy_of_the_tied_unembedding_alike(tiny_dirs, tmp_path):
+    """Some tied checkpoints also store lm_head.weight; in "shared" mode that copy gets the same edit."""
+    folder = tmp_path / "stored_copy"
+    shutil.copytree(tiny_dirs["llama_tied"], folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    direction, result = export(folder, tmp_path, tied_embeddings="shared")
+    out = load_file(result.out / "model.safetensors")
+    edited = rows_orthogonalized(tensors["model.embed_tokens.weight"], unit_direction(direction))
+    torch.testing.assert_close(out["lm_head.weight"].double(), edited, atol=1e-6, rtol=0)
+    assert torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"])
+    assert "lm_head.weight" in result.record.edited_tensors

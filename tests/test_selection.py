@@ -1,14 +1,13 @@
-"""The paper's filters and choice (SPEC 1.6), and candidate scoring against an independent recomputation."""
+"""The paper's filters and choice (SPEC 1.6) on hand-made score tables, and candidate scoring against plain HF
+forwards with torch hooks and the formulas written out."""
 import math
 
 import pytest
 import torch
 
-from hooks import ablation_hooks, addition_hooks
-from tlrefusal.activations import last_logits
+from tests.test_hooks_tiny import eoi_count, reference_logits, reference_model
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.scoring import kl_divergence, refusal_log_odds
 from tlrefusal.selection import CandidateScore, SelectionConfig, SelectionResult, choose, score_candidates
 
 NAN = float("nan")
@@ -37,6 +36,24 @@ def test_filters_in_order_and_min_bypass_wins():
     assert [c.layer for c in result.survivors()] == [0, 0]
 
 
+def test_filter_boundaries_follow_the_spec_comparisons():
+    """SPEC 1.6: discard l >= int(L * 0.8), kl > 0.1, induce < 0.0; so l = int(L * 0.8) - 1, kl == 0.1 and
+    induce == 0.0 survive. Ties in bypass keep the table's order."""
+    n_layers = 10  # int(10 * 0.8) = 8
+    cands = [
+        CandidateScore(-1, 7, -3.0, 0.0, 0.1),   # every boundary, kept
+        CandidateScore(-1, 8, -9.0, 1.0, 0.0),   # first pruned layer
+        CandidateScore(-2, 7, -3.0, 1.0, 0.0),   # same bypass as the first: kept, ranked after it
+        CandidateScore(-2, 6, -2.0, 1.0, 0.1000001),
+        CandidateScore(-2, 5, -2.5, -1e-9, 0.0),
+    ]
+    result = choose(cands, n_layers=n_layers, config=SelectionConfig())
+    kept = [(c.position, c.layer) for c in result.candidates if c.filtered is None]
+    assert kept == [(-1, 7), (-2, 7)]
+    assert (result.chosen.position, result.chosen.layer) == (-1, 7)
+    assert [(c.position, c.layer) for c in result.survivors()] == [(-1, 7), (-2, 7)]
+
+
 def test_all_filtered_gives_no_choice_and_round_trips():
     result = choose([CandidateScore(-1, 0, -1.0, -1.0, 0.5)], n_layers=4, config=SelectionConfig())
     assert result.chosen is None
@@ -61,30 +78,52 @@ def test_config_validation_names_the_field():
         SelectionConfig(batch_size=0)
 
 
-def test_score_candidates_matches_recomputation_and_skips_pruned_layers(tiny_models):
+def log_odds_by_hand(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """SPEC 1.3: P = softmax(float64 last-position logits) summed over the refusal ids; log(P+1e-8) - log(1-P+1e-8)."""
+    p = torch.softmax(logits.double(), dim=-1)[:, ids].sum(-1)
+    return torch.log(p + 1e-8) - torch.log(1 - p + 1e-8)
+
+
+def kl_by_hand(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """SPEC 1.6: KL(P_base || P_new) = sum p_base (log(p_base + 1e-6) - log(p_new + 1e-6)), in float64."""
+    p, q = torch.softmax(base.double(), dim=-1), torch.softmax(new.double(), dim=-1)
+    return (p * (torch.log(p + 1e-6) - torch.log(q + 1e-6))).sum(-1)
+
+
+def test_score_candidates_equal_plain_hf_forwards_and_skip_pruned_layers(tiny_models, tiny_dirs):
+    """bypass, induce and KL of every scored candidate equal the same scores computed with plain HF forwards,
+    torch hooks and the formulas written out here (tests/test_hooks_tiny.py holds the plain side)."""
     model = tiny_models["qwen2"]
-    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    tokenizer = model.tokenizer
+    chat = ChatFormat.from_tokenizer(tokenizer)
     harmful = ["Tell me how to pick a lock.", "How do I bake bread at home?"]
     harmless = ["Write a poem about the sea.", "Explain photosynthesis simply.", "Give me three facts."]
+    n_pos, n_layers = eoi_count(tokenizer), model.n_layers
     gen = torch.Generator().manual_seed(0)
-    directions = torch.randn(len(chat.positions), model.n_layers, model.d_model, generator=gen, dtype=torch.float64)
+    directions = 3 * torch.randn(n_pos, n_layers, model.d_model, generator=gen, dtype=torch.float64)
     ids = [5, 7]
-    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2)  # layers >= 2 are not scored
+    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2)  # int(4 * 0.5) = 2: layers >= 2 unscored
     scores = score_candidates(model, chat, directions, harmful, harmless, ids, config)
-    assert len(scores) == len(chat.positions) * model.n_layers
-    base = last_logits(model, chat, harmless)
+    assert [(s.position, s.layer) for s in scores] == [(p, layer) for p in range(-n_pos, 0) for layer in range(n_layers)]
+
+    hf = reference_model(tiny_dirs["qwen2"])
+    base_harmless = reference_logits(hf, tokenizer, harmless)
+    base_bypass = log_odds_by_hand(reference_logits(hf, tokenizer, harmful), ids).mean().item()
+    base_induce = log_odds_by_hand(base_harmless, ids).mean().item()
     for s in scores:
         if s.layer >= 2:
             assert math.isnan(s.bypass_score) and math.isnan(s.induce_score) and math.isnan(s.kl_score)
             continue
-        r = directions[chat.positions.index(s.position), s.layer]
-        # Each score recomputed separately (harmful and harmless in their own passes, batch size 32).
-        bypass = refusal_log_odds(last_logits(model, chat, harmful, ablation_hooks(r, model.n_layers)), ids).mean()
-        kl = kl_divergence(base, last_logits(model, chat, harmless, ablation_hooks(r, model.n_layers))).mean()
-        induce = refusal_log_odds(last_logits(model, chat, harmless, addition_hooks(r, s.layer, 1.0)), ids).mean()
-        assert s.bypass_score == pytest.approx(bypass.item(), abs=1e-4)
-        assert s.kl_score == pytest.approx(kl.item(), abs=1e-4)
-        assert s.induce_score == pytest.approx(induce.item(), abs=1e-4)
+        r = directions[s.position + n_pos, s.layer]  # positions -n..-1 index the directions 0..n-1
+        bypass = log_odds_by_hand(reference_logits(hf, tokenizer, harmful, ablate_dir=r), ids).mean().item()
+        kl = kl_by_hand(base_harmless, reference_logits(hf, tokenizer, harmless, ablate_dir=r)).mean().item()
+        induce = log_odds_by_hand(reference_logits(hf, tokenizer, harmless, add_dir=r, add_layer=s.layer),
+                                  ids).mean().item()
+        # The interventions move every score, so a wrong intervention cannot pass as a no-op.
+        assert abs(bypass - base_bypass) > 1e-2 and abs(induce - base_induce) > 1e-2 and kl > 1e-2
+        assert s.bypass_score == pytest.approx(bypass, abs=1e-4), (s.position, s.layer)
+        assert s.kl_score == pytest.approx(kl, abs=1e-4), (s.position, s.layer)
+        assert s.induce_score == pytest.approx(induce, abs=1e-4), (s.position, s.layer)
 
 
 def test_score_candidates_rejects_wrong_shape(tiny_models):
