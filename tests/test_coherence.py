@@ -204,6 +204,10 @@ def test_report_metric_is_recorded_and_quoted(tiny_models, tiny_dirs, task_files
     assert result.headline() == {"tiny_fs": pytest.approx(_fewshot_ref(tiny_dirs["llama"], yaml_path, 2)["acc_norm,none"])}
     again = type(result).from_json(json.loads(json.dumps(result.to_json())))
     assert again == result
+    # The report's line: tiny_fs's quoted metric alone, tiny_mc's every metric, each with its shots.
+    acc_norm, mc = result.metrics["tiny_fs"]["acc_norm,none"], result.metrics["tiny_mc"]
+    assert result.summary() == (f"tiny_fs (2-shot) acc_norm: {acc_norm:.4g}; tiny_mc (0-shot) "
+                                + ", ".join(f"{k.split(',')[0]}: {v:.4g}" for k, v in mc.items() if "stderr" not in k))
 
 
 def test_eval_coherence_is_keyed_by_task_name_and_records_shots(tiny_models, task_files):

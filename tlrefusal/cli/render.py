@@ -124,9 +124,8 @@ def _render_coherence(coherence: dict) -> None:
         if result.unavailable is not None:
             out.print(f"lm-eval {task}: [yellow]unavailable[/] ({result.unavailable})", highlight=False)
             continue
-        out.print(f"lm-eval {task}: " + "; ".join(
-            f"{name} " + ", ".join(f"{k} {v:.3f}" for m in r.metrics.values() for k, v in m.items()
-                                   if "stderr" not in k) for name, r in result.runs.items()))
+        out.print(f"lm-eval {task}: " + "; ".join(f"{name} {r.summary(3)}" for name, r in result.runs.items()),
+                  highlight=False)
 
 
 def render_comparison(comparison, fmt) -> None:

@@ -146,6 +146,16 @@ class LmEvalResult:
         return {task: self.metrics[task][key] for task, key in self.report_metric.items()
                 if key in self.metrics.get(task, {})}
 
+    def summary(self, digits: int = 4) -> str:
+        """Per task: its quoted metric (`REPORT_METRICS`), or every metric if it has none; and its few-shot count."""
+        parts = []
+        for task, values in self.metrics.items():
+            key = self.report_metric.get(task)
+            shown = {key: values[key]} if key in values else {k: v for k, v in values.items() if "stderr" not in k}
+            shots = f" ({self.n_shot[task]}-shot)" if task in self.n_shot else ""
+            parts.append(f"{task}{shots} " + ", ".join(f"{k.split(',')[0]}: {v:.{digits}g}" for k, v in shown.items()))
+        return "; ".join(parts)
+
     def to_json(self) -> dict:
         return {"metrics": self.metrics, "n_samples": self.n_samples, "n_shot": self.n_shot,
                 "report_metric": self.report_metric}

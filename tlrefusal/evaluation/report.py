@@ -114,9 +114,8 @@ def _coherence_lines(coherence: dict[str, TaskCoherence]) -> list[str]:
             lines.append(f"- {task}: unavailable ({entry.unavailable})")
             continue
         for name, result in entry.runs.items():
-            values = ", ".join(f"{k}: {v:.4g}" for task_metrics in result.metrics.values()
-                               for k, v in task_metrics.items() if "stderr" not in k)
-            lines.append(f"- {task}, {name} (n = {sum(v or 0 for v in result.n_samples.values())}): {values}")
+            lines.append(f"- {task}, {name} (n = {sum(v or 0 for v in result.n_samples.values())}): "
+                         f"{result.summary()}")
     return lines
 
 
