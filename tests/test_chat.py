@@ -192,3 +192,30 @@ def test_cli_chat_template_file_is_recorded_and_part_of_the_runs_identity(tiny_d
     template.write_text(NO_TRAILING_SPACE.replace("User:", "Human:"))
     code, output = _extract(tiny_dirs["llama"], out, tmp_path, "--chat-template", str(template))
     assert code == 1 and "chat_template_sha256" in output
+
+
+def test_a_run_with_a_template_file_on_a_model_without_one_is_evaluated_and_exported_with_it(tiny_dirs, tmp_path):
+    """A model with no chat template of its own (like Qwen-1 chat) runs only through --chat-template; the
+    export's verification and the eval must format prompts with the run's template, not the tokenizer's."""
+    import shutil
+
+    from tlrefusal.model import ModelSource, load_model
+
+    model_dir = tmp_path / "no-template"
+    shutil.copytree(tiny_dirs["llama"], model_dir)
+    (model_dir / "chat_template.jinja").unlink()
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    template = tmp_path / "chat.jinja"
+    template.write_text(NO_TRAILING_SPACE)
+    code, output = _extract(model_dir, tmp_path / "run", tmp_path, "--chat-template", str(template))
+    assert code == 0, output
+    tokenizer = load_model(ModelSource("x", "local", model_dir)).tokenizer
+    with pytest.raises(TlrefusalError, match="no chat template"):
+        ChatFormat.from_tokenizer(tokenizer)
+    assert ChatFormat.for_run(tmp_path / "run", tokenizer).format("Hi") == "User: Hi\nAssistant: "
+    result = CliRunner().invoke(app, ["orthogonalize", str(tmp_path / "run"), "--out", str(tmp_path / "ortho")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "ortho" / artifacts.EXPORT_RECORD).read_text())
+    assert record["verification"]["passed"]

@@ -1,6 +1,7 @@
 """Model sources: local folders, GGUF files, hub ids (offline here), and their errors."""
 import pytest
 
+from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import ModelSource, load_model, resolve_source
 
@@ -35,7 +36,7 @@ def test_uncached_hub_id_offline_fails_clearly():
         resolve_source("nobody-here/no-such-model")
 
 
-def test_model_without_chat_template(tiny_dirs, tmp_path):
+def test_model_without_chat_template_loads_and_needs_one_to_run(tiny_dirs, tmp_path):
     import shutil
 
     folder = tmp_path / "plain"
@@ -43,8 +44,9 @@ def test_model_without_chat_template(tiny_dirs, tmp_path):
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     config = folder / "tokenizer_config.json"
     config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
-    with pytest.raises(TlrefusalError, match="no chat template"):
-        load_model(ModelSource("plain", "local", folder))
+    model = load_model(ModelSource("plain", "local", folder))  # --chat-template can give it one
+    with pytest.raises(TlrefusalError, match="no chat template; pass --chat-template"):
+        ChatFormat.from_tokenizer(model.tokenizer)
 
 
 def test_bad_dtype(tiny_dirs):
