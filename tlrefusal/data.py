@@ -178,6 +178,14 @@ def hub_rows(repo: str, split: str, config: str | None = None, *, name: str | No
                              f"{first_line(exc)}") from exc
 
 
+POOLS = ("harmful", "harmless", "harmful_val", "harmless_val")
+
+
+def load_pools(sources: dict[str, str | None], cache_dir: Path | None = None) -> dict[str, list[Prompt]]:
+    """A run's prompt pools by name (`POOLS`), from their sources; a pool whose source is None is left out."""
+    return {name: load_prompts(sources[name], cache_dir) for name in POOLS if sources.get(name) is not None}
+
+
 def prompts_hash(prompts: Sequence[Prompt]) -> str:
     """A content hash of a prompt set, recorded so a run knows exactly what it was given."""
     payload = json.dumps([p.to_json() for p in prompts], ensure_ascii=False, sort_keys=True)

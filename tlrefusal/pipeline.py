@@ -16,7 +16,7 @@ from tlrefusal import __version__, artifacts
 from tlrefusal.activations import candidate_directions, last_logits, mean_activations
 from tlrefusal.chat import ChatFormat, refusal_phrases_for
 from tlrefusal.chat_templates import paper_format_for, resolve_template
-from tlrefusal.data import Prompt, Splits, load_prompts, prompts_hash, sample_splits
+from tlrefusal.data import POOLS, Prompt, Splits, load_pools, prompts_hash, sample_splits
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel, ModelSource, load_model, resolve_source
 from tlrefusal.progress import NO_PROGRESS, Progress
@@ -171,13 +171,7 @@ def load_extract_result(run_dir: Path) -> ExtractResult:
 
 
 def _load_pools(config: ExtractConfig, cache_dir: Path | None) -> dict[str, list[Prompt]]:
-    pools = {"harmful": load_prompts(config.harmful, cache_dir),
-             "harmless": load_prompts(config.harmless, cache_dir)}
-    if config.harmful_val is not None:
-        pools["harmful_val"] = load_prompts(config.harmful_val, cache_dir)
-    if config.harmless_val is not None:
-        pools["harmless_val"] = load_prompts(config.harmless_val, cache_dir)
-    return pools
+    return load_pools({name: getattr(config, name) for name in POOLS}, cache_dir)
 
 
 def _check_run_dir(run_dir: Path, identity: dict, force: bool) -> bool:

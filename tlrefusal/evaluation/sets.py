@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlrefusal import artifacts
-from tlrefusal.data import Prompt, load_prompts, prompts_hash, sample_prompts, sample_splits
+from tlrefusal.data import Prompt, load_pools, load_prompts, prompts_hash, sample_prompts, sample_splits
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.evaluation.config import EvalConfig
 from tlrefusal.interventions import LABELS, Label
@@ -67,19 +67,15 @@ def run_sampling_stream(run_dir: Path, run_config: dict, cache_dir: Path | None)
     """The run's seeded random stream after its four train/val draws, replayed from its recorded config on
     its own pools (which must be unchanged since extraction: their hashes are in RUN/config.json)."""
     recorded = artifacts.read_json(run_dir / artifacts.CONFIG).get("data_sha256", {})
-    pools: dict[str, list[Prompt]] = {}
-    for name in ("harmful", "harmless", "harmful_val", "harmless_val"):
-        source = run_config.get(name)
-        if source is None:
-            continue
-        try:
-            pools[name] = load_prompts(source, cache_dir)
-        except TlrefusalError as exc:
-            raise TlrefusalError(f"the paper's harmless sample replays the run's sampling, which needs its "
-                                 f"{name} pool: {exc}") from exc
-        if name in recorded and prompts_hash(pools[name]) != recorded[name]:
-            raise TlrefusalError(f"the run's {name} pool {source} has changed since extraction, so its sampling "
-                                 "cannot be replayed")
+    try:
+        pools = load_pools(run_config, cache_dir)
+    except TlrefusalError as exc:
+        raise TlrefusalError(f"the paper's harmless sample replays the run's sampling, which needs its pools: "
+                             f"{exc}") from exc
+    for name, pool in pools.items():
+        if name in recorded and prompts_hash(pool) != recorded[name]:
+            raise TlrefusalError(f"the run's {name} pool {run_config[name]} has changed since extraction, so its "
+                                 "sampling cannot be replayed")
     stream = random.Random(run_config["seed"])
     sample_splits(pools["harmful"], pools["harmless"], run_config["n_train"], run_config["n_val"],
                   run_config["seed"], pools.get("harmful_val"), pools.get("harmless_val"), rng=stream)
