@@ -200,9 +200,9 @@ def test_verification_dtype_defaults_to_the_checkpoints_and_can_be_chosen(tmp_pa
     monkeypatch.setitem(LOGIT_TOLERANCE, torch.bfloat16, 10.0)
     hooked_loads = []
 
-    def spy(source, **kwargs):
-        model = load_model(source, **kwargs)
-        hooked_loads.append((kwargs["dtype"], kwargs["device"], model.dtype))
+    def spy(source, placement, **kwargs):
+        model = load_model(source, placement, **kwargs)
+        hooked_loads.append((placement.dtype, placement.device, model.dtype))
         return model
 
     monkeypatch.setattr("tlrefusal.model.load_model", spy)

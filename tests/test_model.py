@@ -4,6 +4,7 @@ import pytest
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import ModelSource, load_model, resolve_source
+from tlrefusal.placement import Placement
 
 
 def test_local_folder(tiny_dirs):
@@ -51,7 +52,7 @@ def test_model_without_chat_template_loads_and_needs_one_to_run(tiny_dirs, tmp_p
 
 def test_bad_dtype(tiny_dirs):
     with pytest.raises(TlrefusalError, match="unknown dtype"):
-        load_model(ModelSource("x", "local", tiny_dirs["llama"]), dtype="float8")
+        load_model(ModelSource("x", "local", tiny_dirs["llama"]), Placement(dtype="float8"))
 
 
 def test_loaded_model_is_raw_hf_weights(tiny_models, tiny_dirs):

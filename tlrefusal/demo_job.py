@@ -11,6 +11,7 @@ from tlrefusal.data import load_prompts, sample_prompts
 from tlrefusal.interventions import LABELS, Label, intervention_table
 from tlrefusal.model import ModelSource, load_model
 from tlrefusal.pipeline import ExtractConfig, ExtractResult, run_extract
+from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.refusal import RefusalRate, refusal_rate
 from tlrefusal.selection import SelectionConfig
@@ -78,7 +79,7 @@ def intervention_refusal(run_dir: Path, folder: Path, direction: artifacts.Refus
     """Substring refusal of greedy replies to demo prompts extraction never saw, under each intervention of
     the paper's table (-r on harmful prompts, +r on harmless ones)."""
     used = artifacts.sampled_instructions(run_dir)
-    model = load_model(ModelSource(str(folder), "local", folder), dtype, device)
+    model = load_model(ModelSource(str(folder), "local", folder), Placement(dtype=dtype, device=device))
     chat = ChatFormat.for_run(run_dir, model.tokenizer)
     table = intervention_table(direction.vector, direction.layer, model.n_layers)
     out: dict[Label, list[RefusalRate]] = {}

@@ -6,7 +6,7 @@ Face folder, a GGUF file, or a hub id (downloaded into the Hugging Face cache as
 `.bin` weights are never fetched).
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +15,7 @@ import torch
 from tlrefusal import artifacts
 from tlrefusal.assets import model_asset
 from tlrefusal.errors import TlrefusalError, first_line
+from tlrefusal.placement import Placement, check_realized_map
 from tlrefusal.precision import DTYPE_CHOICES, DTYPE_NAMES
 from tlrefusal.progress import NO_PROGRESS, Progress
 
@@ -51,6 +52,7 @@ class LoadedModel:
     source: ModelSource
     model_type: str
     dtype: torch.dtype
+    placement: Placement = field(default_factory=Placement)
 
     @property
     def n_layers(self) -> int:
@@ -62,7 +64,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.bridge.original_model.parameters()).device
+        """Where inputs go: the embedding's device (with a device map, modules may sit elsewhere)."""
+        return torch.device(self.bridge.cfg.device)
 
 
 def resolve_source(spec: str, cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> ModelSource:
@@ -100,31 +103,46 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def load_model(
     source: ModelSource,
-    dtype: str = "float32",
-    device: str = "cpu",
+    placement: Placement | None = None,
     trust_remote_code: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> LoadedModel:
-    """Load tokenizer and weights with `transformers`, then wrap them in a TransformerBridge."""
+    """Load tokenizer and weights with `transformers`, then wrap them in a TransformerBridge.
+
+    One device: the model is loaded, then moved there. A device map: accelerate places it while loading
+    (`Placement.load_kwargs`) and the bridge takes it as it is; its device (where inputs go) is the
+    embedding's, which the bridge reads from the dispatched model.
+    """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = DTYPES[resolve_dtype(source, dtype)]
-    device = resolve_device(device)
+    placement = placement or Placement()
+    torch_dtype = DTYPES[resolve_dtype(source, placement.dtype)]
+    device = None if placement.dispatched else resolve_device(placement.device)
     extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    load_kwargs = placement.load_kwargs()  # a missing bitsandbytes fails here, before anything loads
+    if placement.quantize is not None and device is not None:
+        load_kwargs["device_map"] = {"": device}  # bitsandbytes places quantized weights while loading
     with progress.task(f"Loading {source.spec}", total=None):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **extra)
+            # Eager attention: the bridge computes attention itself on the hooked path (its own eager
+            # implementation, which its hook_pattern / hook_attn_scores need) and forces eager on the model it
+            # wraps, so sdpa here would not speed up a hooked pass; loading eager keeps the unhooked and hooked
+            # forwards the same function (benchmarks/README.md, attention).
             hf_model = AutoModelForCausalLM.from_pretrained(
                 source.path, dtype=torch_dtype, attn_implementation="eager",
-                trust_remote_code=trust_remote_code, **extra,
+                trust_remote_code=trust_remote_code, **extra, **load_kwargs,
             )
         except (OSError, ValueError, KeyError) as exc:
             raise TlrefusalError(f"could not load the model at {source.path}: {first_line(exc)}") from exc
         # A tokenizer without a chat template loads: `--chat-template` gives a run one (Qwen-1 chat has none),
         # and `ChatFormat` refuses a model that has neither, naming the option.
         prepare_tokenizer(tokenizer)
-        hf_model.eval().to(device)
+        hf_model.eval()
+        if "device_map" not in load_kwargs:  # never .to() a dispatched model (accelerate #1613)
+            hf_model.to(device)
+        check_realized_map(getattr(hf_model, "hf_device_map", None))
         try:
             bridge = TransformerBridge.boot_transformers(
                 str(source.path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch_dtype,
@@ -133,7 +151,7 @@ def load_model(
             raise TlrefusalError(f"TransformerLens cannot wrap {source.spec} "
                                  f"({hf_model.config.model_type}): {first_line(exc)}") from exc
     return LoadedModel(bridge=bridge, tokenizer=tokenizer, source=source,
-                       model_type=hf_model.config.model_type, dtype=torch_dtype)
+                       model_type=hf_model.config.model_type, dtype=torch_dtype, placement=placement)
 
 
 def check_dtype(dtype: str) -> None:

@@ -19,6 +19,7 @@ from tlrefusal.chat_templates import paper_format_for, resolve_template
 from tlrefusal.data import POOLS, Prompt, Splits, load_pools, prompts_hash, sample_splits
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel, ModelSource, load_model, resolve_source
+from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.scoring import refusal_log_odds
 from tlrefusal.selection import SelectionConfig, SelectionResult, choose, score_candidates
@@ -29,6 +30,13 @@ class ExtractConfig:
     model: str  # a built-in name (organism, smollm2), a local folder, a .gguf file or a hub id
     dtype: str = "float32"  # or bfloat16, float16, auto (the checkpoint's own)
     device: str = "cpu"  # or cuda, cuda:N, auto
+    # Several devices and quantized loading (`tlrefusal.placement.Placement`); absent from config.json
+    # when unset, as in runs made before them.
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    quantize: str | None = None
+    gpus_per_replica: int = 1
     harmful: str = "demo-harmful"
     harmless: str = "demo-harmless"
     # Separate validation pools (the paper's splits); without them val is drawn from what train left.
@@ -61,6 +69,13 @@ class ExtractConfig:
         if self.paper and self.chat_template is not None:
             raise TlrefusalError("--paper chooses the paper's chat format for the model's family; give it or "
                                  "--chat-template, not both")
+        _ = self.placement  # a bad device map, budget or quantization fails here, before the run folder
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(device=self.device, dtype=self.dtype, device_map=self.device_map,
+                         max_memory=self.max_memory, offload_folder=self.offload_folder, quantize=self.quantize,
+                         gpus_per_replica=self.gpus_per_replica)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -71,6 +86,9 @@ class ExtractConfig:
             del data["chat_template"]
         if not data["paper"]:  # absent, as in runs made before the option
             del data["paper"]
+        for name in ("device_map", "max_memory", "offload_folder", "quantize", "gpus_per_replica"):
+            if data[name] == ExtractConfig.__dataclass_fields__[name].default:  # absent, as before the options
+                del data[name]
         return data
 
 
@@ -106,7 +124,7 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
     replace = _check_run_dir(run_dir, identity, force)  # before the model loads: a refusal costs nothing
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
-    model = load_model(source, config.dtype, config.device, config.trust_remote_code, progress)
+    model = load_model(source, config.placement, config.trust_remote_code, progress)
     chat = ChatFormat.from_tokenizer(model.tokenizer, template)
     refusal_ids = _refusal_ids(config, chat, model.model_type)
     seconds["load_model"] = time.perf_counter() - t
@@ -229,6 +247,7 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
         "threads": torch.get_num_threads(),
         "model": {**source.to_json(), "model_type": model.model_type, "n_layers": model.n_layers,
                   "d_model": model.d_model, "dtype": config.dtype,
+                  "placement": model.placement.to_json(),
                   "loaded_dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)},
         "chat": chat.to_json(),
         "refusal": {"token_ids": refusal_ids, "tokens": chat.tokenizer.convert_ids_to_tokens(refusal_ids)},

@@ -33,6 +33,7 @@ from tlrefusal.evaluation.scores import DatasetScores, InterventionScores, score
 from tlrefusal.evaluation.sets import EvalSet, eval_sets, magnitude_sets
 from tlrefusal.interventions import AS_LOADED, InterventionTable, intervention_table
 from tlrefusal.model import LoadedModel, load_model, resolve_source
+from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 
 COHERENCE_KINDS = ("baseline", "ablation", "as loaded")  # lm-eval runs on these harmless rows, not on actadd
@@ -48,7 +49,8 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
     if config.tasks:
         resolve_tasks(config.tasks)  # an unknown task fails now, not after an hour of generation
     source = resolve_source(config.model or run_config["model"], cache_dir, progress)
-    model = load_model(source, config.dtype or run_config["dtype"], config.device or run_config["device"],
+    model = load_model(source, Placement(dtype=config.dtype or run_config["dtype"],
+                                         device=config.device or run_config["device"]),
                        run_config["trust_remote_code"], progress)
     chat = ChatFormat.for_run(run_dir, model.tokenizer)
     if direction.vector.shape[0] != model.d_model:

@@ -151,8 +151,9 @@ def _load_both(source: ModelSource, folder: Path, dtype_name: str, device: str, 
     from transformers import AutoModelForCausalLM
 
     from tlrefusal.model import load_model
+    from tlrefusal.placement import Placement
 
-    hooked = load_model(source, dtype=dtype_name, device=device, trust_remote_code=trust_remote_code,
+    hooked = load_model(source, Placement(dtype=dtype_name, device=device), trust_remote_code=trust_remote_code,
                         progress=progress)
     with progress.task(f"Loading the export from {folder.name} with plain transformers", total=None):
         plain = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype_name],
