@@ -146,6 +146,22 @@ def _dtype_choice(value: str | None) -> str | None:
 
 Dtype = Annotated[str, typer.Option(help="auto (the checkpoint's own), float32, bfloat16 or float16.",
                                     callback=_dtype_choice, rich_help_panel=MODEL_PANEL)]
+# Several devices and quantized loading (`tlrefusal.placement.Placement`), on every command that loads a model.
+DeviceMap = Annotated[str | None, typer.Option(
+    metavar="auto|balanced|sequential|FILE.json", rich_help_panel=MODEL_PANEL,
+    help="Spread the model over several devices with accelerate (instead of --device): a strategy, or a JSON "
+         "file of module -> device (a GPU index, cpu or disk). All GPUs, or all cpu/disk: not both.")]
+MaxMemory = Annotated[str | None, typer.Option(metavar="DEV=AMOUNT,...", rich_help_panel=MODEL_PANEL,
+                                               help="Per-device budget for --device-map, e.g. 0=70GiB,1=70GiB.")]
+OffloadFolder = Annotated[str | None, typer.Option(rich_help_panel=MODEL_PANEL,
+                                                   help="Folder for the modules a --device-map puts on disk.")]
+Quantize = Annotated[str | None, typer.Option(
+    metavar="nf4|int8", rich_help_panel=MODEL_PANEL,
+    help="Load quantized with bitsandbytes (pip install 'tlrefusal[quantize]'): directions and hooked "
+         "evaluation only; exports always edit the full-precision checkpoint.")]
+GpusPerReplica = Annotated[int, typer.Option(
+    rich_help_panel=MODEL_PANEL,
+    help="Under torchrun: GPUs per model replica (with --device-map); rank k uses GPUs k*K..k*K+K-1.")]
 TrustRemoteCode = Annotated[bool, typer.Option(help="Allow the model's own Python code (off by default).",
                                                rich_help_panel=MODEL_PANEL)]
 CacheDir = Annotated[Path | None, typer.Option(help="Where downloads and built-in models are cached (default: "

@@ -15,11 +15,16 @@ from tlrefusal.cli.common import (
     BatchSize,
     CacheDir,
     Device,
+    DeviceMap,
     Dtype,
     Force,
+    GpusPerReplica,
     KlThreshold,
+    MaxMemory,
     NTrain,
     NVal,
+    OffloadFolder,
+    Quantize,
     RichProgress,
     TrustRemoteCode,
     _fail,
@@ -67,6 +72,11 @@ def extract(
     batch_size: BatchSize = 32,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    quantize: Quantize = None,
+    gpus_per_replica: GpusPerReplica = 1,
     trust_remote_code: TrustRemoteCode = False,
     chat_template: Annotated[str | None, typer.Option(
         "--chat-template", metavar="NAME|FILE", rich_help_panel=MODEL_PANEL,
@@ -89,7 +99,8 @@ def extract(
     if out_dir is None:
         raise typer.BadParameter("missing; give a run folder with --out RUN", param_hint="'--out'")
     config = ExtractConfig(
-        model=model, dtype=dtype, device=device, harmful=harmful, harmless=harmless, harmful_val=harmful_val,
+        model=model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
+        offload_folder=offload_folder, quantize=quantize, gpus_per_replica=gpus_per_replica, harmful=harmful, harmless=harmless, harmful_val=harmful_val,
         harmless_val=harmless_val, n_train=n_train, n_val=n_val, seed=seed, filter=not no_filter,
         min_kept=min_kept, refusal_phrases=_split_csv(refusal_phrases, str),
         refusal_token_ids=_split_csv(refusal_token_ids, int), trust_remote_code=trust_remote_code,
