@@ -72,12 +72,12 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
                 param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
 
 
-def tiny_config(arch: str, vocab_size: int, tie: bool):
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+def tiny_config(arch: str, vocab_size: int, tie: bool, width: int = 32):
+    common = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=tie, pad_token_id=1, bos_token_id=0, eos_token_id=1)
     if arch == "llama":
-        return LlamaConfig(**common, head_dim=8)
+        return LlamaConfig(**common, head_dim=width // 4)
     if arch == "qwen2":
         return Qwen2Config(**common)  # Qwen2 has q/k/v biases: a bias-carrying architecture
     if arch == "gemma":
@@ -95,11 +95,11 @@ def tiny_config(arch: str, vocab_size: int, tie: bool):
 
 
 def save_tiny_model(folder: Path, arch: str = "llama", tie: bool = False, family: str = "qwen", seed: int = 0,
-                    max_shard_size: str | None = None) -> Path:
+                    max_shard_size: str | None = None, width: int = 32) -> Path:
     """Build a tiny random model from a config and save it with a tokenizer as a Hugging Face folder."""
     torch.manual_seed(seed)
     tokenizer = byte_bpe_tokenizer(family)
-    config = tiny_config(arch, len(tokenizer), tie)
+    config = tiny_config(arch, len(tokenizer), tie, width)
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id

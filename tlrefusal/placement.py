@@ -101,7 +101,7 @@ class Placement:
                                  "file: each replica's map is made for its own GPUs")
         given = self.memory_budget()
         gpus = range(local_rank * k, local_rank * k + k)
-        budget = {gpu: given.get(i, _gpu_memory(gpu)) for i, gpu in enumerate(gpus)}
+        budget = {gpu: given[i] if i in given else _gpu_memory(gpu) for i, gpu in enumerate(gpus)}
         return replace(self, max_memory=",".join(f"{gpu}={amount}" for gpu, amount in budget.items()))
 
     def load_kwargs(self) -> dict:
