@@ -26,6 +26,7 @@ from typer.exceptions import TyperException
 
 from tlrefusal import __version__
 from tlrefusal.assets import model_names
+from tlrefusal.batching import is_out_of_memory
 from tlrefusal.cli.render import out
 from tlrefusal.errors import TlrefusalError, first_line
 from tlrefusal.precision import DTYPE_CHOICES
@@ -75,12 +76,6 @@ def _debug() -> bool:
     return _Session.debug or os.environ.get("TLREFUSAL_DEBUG") == "1"
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
-
-
 def guarded(command: Callable) -> Callable:
     """One red line for every error: user errors exit 1, unexpected ones 3 (traceback with --debug)."""
 
@@ -97,8 +92,9 @@ def guarded(command: Callable) -> Callable:
         except Exception as exc:
             if _debug():
                 raise
-            if _out_of_memory(exc):
-                _fail(f"out of memory ({first_line(exc)}): lower --batch-size, or load in --dtype bfloat16",
+            if is_out_of_memory(exc):
+                _fail(f"out of memory ({first_line(exc)}): lower --batch-size (or give auto), load in --dtype "
+                      "bfloat16, or spread the model with --device-map",
                       EXIT_UNEXPECTED)
             _fail(f"unexpected {type(exc).__name__}: {first_line(exc)} (run with --debug, or TLREFUSAL_DEBUG=1, for "
                   "the traceback)", EXIT_UNEXPECTED)
