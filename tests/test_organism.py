@@ -1,4 +1,4 @@
-"""The organism's training loop on a tiny model, its cache key, its card, and its prompt sets."""
+"""The organism's training loop on a tiny model, its cache key, its card, its device, and its prompt sets."""
 import dataclasses
 import json
 from itertools import product
@@ -6,9 +6,11 @@ from itertools import product
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
 
 from tlrefusal import artifacts
 from tlrefusal.chat import ChatFormat
+from tlrefusal.cli import app
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.harmless import demo_harmless_prompts
 from tlrefusal.organism import (
@@ -166,6 +168,20 @@ def card_json(recipe: OrganismRecipe) -> dict:
             "seconds": {"self_instruct": 1.0, "targets": 2.0, "train": 3.0, "evaluate": 4.0, "total": 10.0}}
 
 
+def test_card_records_the_device_type_and_old_cards_load_as_cpu_builds():
+    data = card_json(OrganismRecipe(device_type="cuda"))
+    assert data["recipe"]["device_type"] == "cuda"
+    card = OrganismCard.from_json(data)
+    assert card.recipe.device_type == "cuda" and json.dumps(card.to_json()) == json.dumps(data)
+    assert "safety-tuned on a GPU (cuda)" in card.model_card() and "- `device_type`: cuda" in card.model_card()
+    # organism.json as builds wrote it before the field: a CPU build, with the key it still has.
+    old = card_json(OrganismRecipe())
+    del old["recipe"]["device_type"]
+    card = OrganismCard.from_json(old)
+    assert card.recipe == OrganismRecipe() and card.key == OrganismRecipe().key()
+    assert "safety-tuned on the CPU" in card.model_card()
+
+
 def test_card_json_round_trips_with_the_keys_and_order_builds_write():
     data = card_json(OrganismRecipe(seed=2))
     card = OrganismCard.from_json(data)
@@ -181,7 +197,26 @@ def test_card_json_round_trips_with_the_keys_and_order_builds_write():
 def test_the_default_recipe_keeps_its_key():
     # The key names cached organisms (and benchmarks/results/organism_default.json); changing a field's name,
     # order or default, or RECIPE_VERSION, rebuilds every one of them.
-    assert OrganismRecipe().key() == "4e7171b7766306f7"
+    assert OrganismRecipe().key() == "4e7171b7766306f7"  # the key before device_type existed (issue 16)
+    assert OrganismRecipe(device_type="cpu").key() == "4e7171b7766306f7"
+
+
+def test_a_gpu_build_is_another_organism_with_its_own_key():
+    cuda = OrganismRecipe(device_type="cuda")
+    assert cuda.key() == "36bb441c29b22847" != OrganismRecipe().key()
+    assert OrganismRecipe(device_type="cuda", seed=1).key() not in (cuda.key(), OrganismRecipe(seed=1).key())
+    with pytest.raises(TlrefusalError, match="device_type must be one of cpu, cuda, got 'mps'"):
+        OrganismRecipe(device_type="mps")
+
+
+def test_compute_autocasts_on_the_recipes_device_type():
+    import warnings
+
+    assert OrganismRecipe().compute().device == "cpu"
+    with warnings.catch_warnings():  # without a GPU torch warns that it disables the (cuda) autocast
+        warnings.simplefilter("ignore")
+        cuda = OrganismRecipe(device_type="cuda").compute()
+    assert cuda.device == "cuda" and cuda.fast_dtype == torch.bfloat16
 
 
 def test_build_checks_pools_and_layers_before_any_work(tmp_path, tiny_dirs, demo_dir, monkeypatch):
@@ -228,6 +263,197 @@ def test_cached_organism_is_reused_without_training(tmp_path):
     assert folder == tmp_path and card.key == recipe.key()
     with pytest.raises(TlrefusalError, match="another recipe"):
         build_organism(OrganismRecipe(seed=5), out=tmp_path)
+    old = card_json(recipe)  # a card written before device_type existed is still this recipe's
+    del old["recipe"]["device_type"]
+    (tmp_path / artifacts.ORGANISM_CARD).write_text(json.dumps(old))
+    assert build_organism(OrganismRecipe(), out=tmp_path, device="cpu").card.recipe == recipe
+
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+
+
+@no_gpu
+def test_a_cuda_build_without_a_gpu_fails_in_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    from tlrefusal.organism import build
+
+    monkeypatch.setenv("TLREFUSAL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(build, "TrainingPools", None)  # the device is checked before the pools are read
+    cuda = OrganismRecipe(base=str(tmp_path / "no-model"), device_type="cuda")  # never trains, whatever happens
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(TlrefusalError, match=rf"--device {device}: torch sees 0 GPU\(s\)"):
+            build_organism(cuda, out=tmp_path / "a", device=device)
+    with pytest.raises(TlrefusalError, match="torch sees 0 GPU"):
+        build_organism(cuda)  # into the cache: nothing there either
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_device_must_be_of_the_recipes_device_type(tmp_path):
+    missing = str(tmp_path / "no-model")  # were a check missing, the build would stop here, not train
+    with pytest.raises(TlrefusalError, match="the recipe builds on cuda .* not on cpu"):
+        build_organism(OrganismRecipe(base=missing, device_type="cuda"), out=tmp_path / "a", device="cpu")
+    with pytest.raises(TlrefusalError, match="the organism builds on cpu or cuda"):
+        build_organism(OrganismRecipe(base=missing), out=tmp_path / "a", device="meta")
+    with pytest.raises(TlrefusalError, match="unknown device 'gpu'"):
+        build_organism(OrganismRecipe(base=missing), out=tmp_path / "a", device="gpu")
+    assert not list(tmp_path.iterdir())
+
+
+def run_cli(args):
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.output
+
+
+def test_organism_command_builds_on_the_cpu_by_default_with_the_cached_key(tmp_path):
+    (tmp_path / artifacts.ORGANISM_CARD).write_text(json.dumps(card_json(OrganismRecipe())))
+    runs = [[], ["--device", "cpu"]] + ([] if torch.cuda.is_available() else [["--device", "auto"]])
+    for extra in runs:  # each is the default recipe on the CPU, so the cached folder is reused
+        code, output = run_cli(["organism", "--out", str(tmp_path), *extra])
+        assert code == 0 and f"organism: {tmp_path}" in output, (extra, output)
+    code, output = run_cli(["organism", "--out", str(tmp_path / "new"), "--device", "mps"])
+    assert code == 1 and "the organism builds on cpu or cuda[:N], not on mps" in output
+    code, output = run_cli(["organism", "--out", str(tmp_path), "--dtype", "bfloat16"])
+    assert code == 2 and "No such option" in output  # a training job has no load dtype (see --help)
+    assert not (tmp_path / "new").exists()
+
+
+@no_gpu
+def test_organism_command_on_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from tlrefusal.organism import build
+
+    monkeypatch.setattr(build, "TrainingPools", None)  # were the check missing: fail, never fetch or train
+    out, cache = tmp_path / "organism", tmp_path / "cache"
+    code, output = run_cli(["organism", "--out", str(out), "--cache-dir", str(cache), "--device", "cuda"])
+    assert code == 1, output
+    assert output.strip().splitlines() == ["error: --device cuda: torch sees 0 GPU(s); build on the CPU with "
+                                           "--device cpu (or auto)"]
+    assert not out.exists() and not cache.exists()
+
+
+class Stop(Exception):
+    """Raised by a spy once it has seen what it was placed to see."""
+
+
+def test_organism_command_builds_a_gpu_recipe_on_the_given_gpu(tmp_path, monkeypatch):
+    import tlrefusal.organism as organism
+
+    def gpu(device):  # as if torch saw two GPUs
+        return torch.device("cuda:1" if device == "cuda:1" else "cuda")
+
+    seen = []
+
+    def spy(recipe, out, cache_dir, force, progress, device=None):
+        seen.append((recipe, device))
+        raise TlrefusalError("stopped by the test")
+
+    monkeypatch.setattr(organism, "build_device", gpu)
+    monkeypatch.setattr(organism, "build_organism", spy)
+    code, output = run_cli(["organism", "--out", str(tmp_path), "--device", "cuda:1", "--seed", "2"])
+    assert code == 1 and "stopped by the test" in output
+    assert seen == [(OrganismRecipe(seed=2, device_type="cuda"), "cuda:1")]
+
+
+def test_the_training_step_feeds_the_model_on_its_device(tiny_dirs):
+    # On the meta device every input must have been moved there: a CPU tensor fed to a meta model fails.
+    model, tokenizer, chat = tiny(tiny_dirs)
+    model.to("meta")
+    batch = examples(tokenizer, chat)
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append({k: v.device.type for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        if "attention_mask" in kwargs:
+            raise Stop  # meta cannot pick the reply rows (boolean indexing needs data): stop before it
+
+    model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    with pytest.raises(Stop):
+        reply_loss(model, batch, tokenizer.pad_token_id)
+    # The shared template head, then the batch with its mask.
+    assert seen == [{"input_ids": "meta"}, {"input_ids": "meta", "attention_mask": "meta"}]
+
+
+def test_the_weighted_mean_moves_weights_and_soft_targets_to_the_logits_device(tiny_dirs):
+    from tlrefusal.organism.training import _weighted_reply_mean, soft_targets
+
+    _, tokenizer, chat = tiny(tiny_dirs)
+    hard = examples(tokenizer, chat)[:2]
+    n = len(hard[1].target_ids)
+    soft = Example(hard[1].prompt_ids, hard[1].target_ids, torch.zeros(n, 3, dtype=torch.long), torch.rand(n, 3),
+                   weight=2.0)  # soft targets are kept on the CPU
+    rows = len(hard[0].target_ids) + n
+    logp = torch.empty(rows, len(tokenizer), device="meta")
+    labels = torch.empty(rows, dtype=torch.long, device="meta")
+    assert _weighted_reply_mean([hard[0], soft], logp, labels).device.type == "meta"
+    # A meta gather does not check its index's device (a CUDA one does): the ids are checked here.
+    ids, q = soft_targets(soft, torch.device("meta"))
+    assert ids.device.type == q.device.type == "meta"
+    torch.testing.assert_close(soft_targets(soft, torch.device("cpu"))[1].sum(-1), torch.ones(n))
+
+
+class DeviceSpy:
+    """A model on the meta device whose `generate` records where its inputs are."""
+
+    device = torch.device("meta")
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        raise Stop(input_ids.device.type, attention_mask.device.type)
+
+
+def test_sampling_and_distillation_feed_the_model_on_its_device(tiny_dirs):
+    import random
+
+    from tlrefusal.organism import distill_targets, self_instruct_prompts
+
+    _, _, chat = tiny(tiny_dirs)
+    with pytest.raises(Stop) as distill:
+        distill_targets(DeviceSpy(), chat, ["Write a poem about the sea."], 4, top_k=2)
+    with pytest.raises(Stop) as sample:
+        self_instruct_prompts(DeviceSpy(), chat, 2, random.Random(0), 8, set(), batch_size=2)
+    assert distill.value.args == sample.value.args == ("meta", "meta")
+
+
+def test_the_base_model_loads_onto_the_build_device(tiny_dirs):
+    from tlrefusal.organism import build
+    from tlrefusal.progress import NO_PROGRESS
+
+    base = build._load_base(OrganismRecipe(base=str(tiny_dirs["llama"])), None, torch.device("meta"), NO_PROGRESS)
+    assert base.model.device.type == "meta"
+    assert {p.dtype for p in base.model.parameters()} == {torch.float32}
+
+
+def test_a_tiny_build_runs_on_the_given_device_and_records_its_type(tmp_path, tiny_dirs, demo_dir, monkeypatch):
+    # Every step of a build, on a tiny base model with a handful of examples (a few seconds).
+    from tlrefusal.organism import build
+
+    evaluated_on = []
+    real_held_out = build.held_out_refusal
+
+    def spy(folder, recipe, cache_dir=None, progress=None, device=None):
+        evaluated_on.append(device)
+        return real_held_out(folder, recipe, cache_dir, device=device)
+
+    monkeypatch.setattr(build, "held_out_refusal", spy)
+    recipe = OrganismRecipe(base=str(tiny_dirs["llama_tied"]), n_harmful=3, n_harmful_templated=2, n_harmless=3,
+                            n_self_instruct=0, target_tokens=3, epochs=1, batch_size=4, eval_n=2, eval_tokens=2)
+    built = build_organism(recipe, out=tmp_path / "organism", device="cpu")
+    assert evaluated_on == ["cpu"]  # the build's device, passed on (a cuda:N build evaluates on cuda:N)
+    card = json.loads((tmp_path / "organism" / artifacts.ORGANISM_CARD).read_text())
+    assert card["recipe"]["device_type"] == "cpu" and card["key"] == recipe.key() == built.card.key
+    assert built.card.loss.steps == 2 and (tmp_path / "organism" / "model.safetensors").is_file()
+
+
+def test_held_out_refusal_loads_float32_on_the_build_device(tmp_path, monkeypatch):
+    from tlrefusal.organism import build, held_out_refusal
+
+    def spy(source, placement=None, **kwargs):
+        raise Stop(placement)
+
+    monkeypatch.setattr(build, "load_model", spy)
+    for recipe, device, want in ((OrganismRecipe(), None, "cpu"), (OrganismRecipe(device_type="cuda"), None, "cuda"),
+                                 (OrganismRecipe(device_type="cuda"), "cuda:1", "cuda:1")):
+        with pytest.raises(Stop) as seen:
+            held_out_refusal(tmp_path, recipe, device=device)
+        placement = seen.value.args[0]
+        assert (placement.device, placement.dtype, placement.dispatched) == (want, "float32", False)
 
 
 def test_training_prompts_are_disjoint_from_demo_and_refusals_are_refusals():
@@ -304,6 +530,8 @@ def test_distill_targets_top_k_matches_the_greedy_tokens(tiny_dirs):
 
 class ScriptedModel:
     """Stands in for a causal LM: `generate` appends the next scripted continuation to each row."""
+
+    device = torch.device("cpu")
 
     def __init__(self, continuations):
         self.continuations, self.calls = list(continuations), []

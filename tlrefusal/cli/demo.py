@@ -85,20 +85,28 @@ def organism(
     freeze_below: Annotated[int | None, typer.Option(help="Freeze the first N decoder layers (default 0).",
                                                      rich_help_panel="Recipe")] = None,
     compute_dtype: Annotated[str | None, typer.Option(help="Autocast dtype of the build's matrix products: bfloat16 "
-                                                          "(default) or float32.", rich_help_panel="Recipe")] = None,
+                                                          "(default) or float32. The weights are trained and saved "
+                                                          "in float32 whatever it is (there is no --dtype).",
+                                                     rich_help_panel="Recipe")] = None,
+    device: Device = "cpu",
     force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.", rich_help_panel=OUTPUT_PANEL)] = False,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Safety-tune the demo model into a small model that refuses (a few minutes on a CPU; cached). It runs on the
-    CPU, where its recipe was measured."""
-    from tlrefusal.organism import OrganismRecipe, build_organism
+    """Safety-tune the demo model into a small model that refuses (a few minutes on a CPU; cached).
 
+    The whole build (sampling, training, the held-out check) runs on --device; its recipe was measured on
+    the CPU, the default. A GPU's kernels give other floats, so another organism: its cache key names the
+    device type. There is no --dtype: the organism's weights and AdamW's state are float32 (its matrix
+    products run in --compute-dtype), and its refusal is measured in float32, as it is loaded."""
+    from tlrefusal.organism import OrganismRecipe, build_device, build_organism
+
+    where = build_device(device)  # before anything is read or written
     given = {"seed": seed, "n_harmful": n_harmful, "n_harmful_templated": n_harmful_templated, "lr": lr,
              "epochs": epochs, "target_tokens": target_tokens, "freeze_below": freeze_below,
              "n_self_instruct": n_self_instruct, "harmful_weight": harmful_weight, "wrap_fraction": wrap_fraction,
              "compute_dtype": compute_dtype}
-    recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None})
-    render_organism(build_organism(recipe, out_dir, cache_dir, force, RichProgress(console)))
+    recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None}, device_type=where.type)
+    render_organism(build_organism(recipe, out_dir, cache_dir, force, RichProgress(console), device=str(where)))
 
 
 @app.command("fetch-demo", epilog="Example: tlrefusal fetch-demo")

@@ -1,4 +1,4 @@
-"""A refusing "model organism": SmolLM2-135M-Instruct safety-tuned on the CPU in a few minutes.
+"""A refusing "model organism": SmolLM2-135M-Instruct safety-tuned on the CPU (or a GPU) in a few minutes.
 
 The demo model almost never refuses, so there is no refusal direction to find in it. This package
 teaches it to: harmful instructions -> short refusals, harmless instructions -> the base model's own
@@ -8,9 +8,9 @@ replies. The result is a plain Hugging Face folder with a card and a model card 
 - `prompts`: the training prompt pools, the refusal replies, the wrappers and the self-instruct starters;
 - `training`: examples, the reply-only loss, the training loop, distillation and self-instruct sampling;
 - `card`: `OrganismCard`, organism.json and the README model card;
-- `build`: `build_organism`, the named steps from a recipe to a published folder.
+- `build`: `build_organism`, the named steps from a recipe to a published folder, on `build_device`.
 """
-from tlrefusal.organism.build import BuiltOrganism, build_organism, held_out_refusal
+from tlrefusal.organism.build import BuiltOrganism, build_device, build_organism, held_out_refusal
 from tlrefusal.organism.card import HeldOutRate, HeldOutRefusal, OrganismCard, TrainingData, TrainingLoss
 from tlrefusal.organism.prompts import (
     REFUSALS,
@@ -20,7 +20,13 @@ from tlrefusal.organism.prompts import (
     organism_harmful_templated,
     organism_harmless_prompts,
 )
-from tlrefusal.organism.recipe import COMPUTE_DTYPES, RECIPE_VERSION, OrganismRecipe, organism_dir
+from tlrefusal.organism.recipe import (
+    COMPUTE_DTYPES,
+    DEVICE_TYPES,
+    RECIPE_VERSION,
+    OrganismRecipe,
+    organism_dir,
+)
 from tlrefusal.organism.training import (
     Example,
     distill_targets,
@@ -32,6 +38,7 @@ from tlrefusal.organism.training import (
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "DEVICE_TYPES",
     "RECIPE_VERSION",
     "REFUSALS",
     "SELF_INSTRUCT_STARTERS",
@@ -44,6 +51,7 @@ __all__ = [
     "OrganismRecipe",
     "TrainingData",
     "TrainingLoss",
+    "build_device",
     "build_organism",
     "distill_targets",
     "held_out_refusal",

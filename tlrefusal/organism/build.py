@@ -1,12 +1,13 @@
 """Building the organism: a short sequence of named steps from a recipe to a published folder.
 
-Steps: check what can be checked (the recipe, the output folder, the prompt pools), load the base model,
-sample the training prompts, sample more harmless prompts from the base model (self-instruct), make each
-prompt's targets, train, then publish the folder (weights, tokenizer, the self-instructed prompts, the
-card with held-out refusal rates, the README model card) through `tlrefusal.publish.staged_folder`, so
-that an interrupted build leaves nothing behind. A folder whose card holds the recipe's key is reused.
-Every random choice comes from `random.Random(recipe.seed)` in a fixed order, so a recipe gives the same
-data and weights.
+Steps: check what can be checked (the device, the recipe, the output folder, the prompt pools), load the
+base model onto the build's device, sample the training prompts, sample more harmless prompts from the base
+model (self-instruct), make each prompt's targets, train, then publish the folder (weights, tokenizer, the
+self-instructed prompts, the card with held-out refusal rates, the README model card) through
+`tlrefusal.publish.staged_folder`, so that an interrupted build leaves nothing behind. A folder whose card
+holds the recipe's key is reused. Every random choice comes from `random.Random(recipe.seed)` in a fixed
+order, so a recipe gives the same data and weights on one machine (the recipe's `device_type` names the
+kind of device: a GPU's kernels give other floats than the CPU's).
 
 Training prompts are disjoint from the demo prompt sets used to extract, select and evaluate (templates:
 tested, also against the paper's splits; sampled prompts: filtered here, and written to the output folder
@@ -26,7 +27,7 @@ from tlrefusal.chat import ChatFormat
 from tlrefusal.data import load_prompts, sample_prompts
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.interventions import BASELINE, LABELS
-from tlrefusal.model import ModelSource, load_model, prepare_tokenizer, resolve_source
+from tlrefusal.model import ModelSource, load_model, prepare_tokenizer, resolve_device, resolve_source
 from tlrefusal.organism.card import HeldOutRate, HeldOutRefusal, OrganismCard, TrainingData, TrainingLoss
 from tlrefusal.organism.prompts import (
     REFUSALS,
@@ -35,7 +36,7 @@ from tlrefusal.organism.prompts import (
     organism_harmful_templated,
     organism_harmless_prompts,
 )
-from tlrefusal.organism.recipe import OrganismRecipe, organism_dir
+from tlrefusal.organism.recipe import DEVICE_TYPES, OrganismRecipe, organism_dir
 from tlrefusal.organism.training import (
     Example,
     check_freeze_below,
@@ -44,6 +45,7 @@ from tlrefusal.organism.training import (
     self_instruct_prompts,
     train,
 )
+from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.publish import staged_folder
 from tlrefusal.refusal import refusal_rate
@@ -60,14 +62,23 @@ class BuiltOrganism:
 
 
 def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: Path | None = None,
-                   force: bool = False, progress: Progress = NO_PROGRESS) -> BuiltOrganism:
-    """Train (or reuse) the organism of `recipe` into `out` (default: the cache, keyed by the recipe)."""
+                   force: bool = False, progress: Progress = NO_PROGRESS, device: str | None = None
+                   ) -> BuiltOrganism:
+    """Train (or reuse) the organism of `recipe` into `out` (default: the cache, keyed by the recipe).
+
+    It runs on `device` (cpu, cuda, cuda:N; default: the recipe's `device_type`), which must be of the
+    recipe's device type and present, checked before anything is read or written.
+    """
+    where = build_device(device or recipe.device_type)
+    if where.type != recipe.device_type:
+        raise TlrefusalError(f"the recipe builds on {recipe.device_type} (its device_type), not on {where}: "
+                             f"another device type gives another organism")
     out = out or organism_dir(recipe, cache_dir)
     if (reused := _reusable(recipe, out, force)) is not None:
         return reused
     timer = _StepTimer()
     pools = TrainingPools.load(recipe, cache_dir)
-    base = _load_base(recipe, cache_dir, progress)
+    base = _load_base(recipe, cache_dir, where, progress)
     rng = random.Random(recipe.seed)
     harmful, harmless = _sample_training_prompts(recipe, pools, rng)
     with timer.step("self_instruct"):
@@ -79,7 +90,7 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
     with staged_folder(out, replace=True) as staging:  # publish: weights, prompts, measured rates, card
         _save_model(staging, base, self_instructed)
         with timer.step("evaluate"):
-            rates = held_out_refusal(staging, recipe, cache_dir, progress)
+            rates = held_out_refusal(staging, recipe, cache_dir, progress, device=str(where))
         card = OrganismCard(key=recipe.key(), tool_version=__version__, recipe=recipe, base=base.source.to_json(),
                             data=pools.describe(recipe, self_instructed),
                             loss=TrainingLoss(losses[0], losses[-1], len(losses)), held_out_refusal=rates,
@@ -87,6 +98,20 @@ def build_organism(recipe: OrganismRecipe, out: Path | None = None, cache_dir: P
         artifacts.write_json(staging / artifacts.ORGANISM_CARD, card.to_json())
         artifacts.write_text(staging / artifacts.MODEL_CARD, card.model_card())
     return BuiltOrganism(out, card)
+
+
+def build_device(device: str) -> torch.device:
+    """`device` (auto, cpu, cuda, cuda:N) as the device a build runs on; an error in one line if it is of
+    another kind or is a GPU that torch does not see."""
+    where = torch.device(resolve_device(device))
+    if where.type not in DEVICE_TYPES:
+        raise TlrefusalError(f"the organism builds on cpu or cuda[:N], not on {device}")
+    if where.type == "cuda":
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (where.index or 0) >= n_gpus:
+            raise TlrefusalError(f"--device {device}: torch sees {n_gpus} GPU(s); build on the CPU with "
+                                 "--device cpu (or auto)")
+    return where
 
 
 def _reusable(recipe: OrganismRecipe, out: Path, force: bool) -> BuiltOrganism | None:
@@ -136,12 +161,13 @@ class TrainingPools:
 @dataclass(frozen=True)
 class _Base:
     source: ModelSource
-    model: "object"  # transformers.PreTrainedModel, float32
+    model: "object"  # transformers.PreTrainedModel, float32, on the build's device
     tokenizer: "object"
     chat: ChatFormat
 
 
-def _load_base(recipe: OrganismRecipe, cache_dir: Path | None, progress: Progress) -> _Base:
+def _load_base(recipe: OrganismRecipe, cache_dir: Path | None, device: torch.device, progress: Progress
+               ) -> _Base:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(recipe.base, cache_dir, progress)
@@ -151,7 +177,7 @@ def _load_base(recipe: OrganismRecipe, cache_dir: Path | None, progress: Progres
     prepare_tokenizer(tokenizer)
     chat = ChatFormat.from_tokenizer(tokenizer)
     torch.manual_seed(recipe.seed)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).to(device)
     check_freeze_below(recipe, len(model.get_decoder().layers))  # before minutes of sampling, not after
     return _Base(source, model, tokenizer, chat)
 
@@ -216,10 +242,12 @@ def _save_model(folder: Path, base: _Base, self_instructed: list[str]) -> None:
 
 
 def held_out_refusal(folder: Path, recipe: OrganismRecipe, cache_dir: Path | None = None,
-                     progress: Progress = NO_PROGRESS) -> HeldOutRefusal:
+                     progress: Progress = NO_PROGRESS, device: str | None = None) -> HeldOutRefusal:
     """Baseline refusal (the paper's refusal substrings) of greedy replies to `recipe.eval_n` demo prompts
-    per label, never trained on, with the model loaded from `folder` in float32 as users load it."""
-    model = load_model(ModelSource(str(folder), "local", folder))
+    per label, never trained on, with the model loaded from `folder` in float32 as users load it, on `device`
+    (default: the recipe's device type)."""
+    placement = Placement(device=device or recipe.device_type, dtype="float32")
+    model = load_model(ModelSource(str(folder), "local", folder), placement)
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     rates = {}
     for label in LABELS:

@@ -1,7 +1,8 @@
 """The organism's card: what was built, from what, and how often it refuses held-out prompts.
 
 `OrganismCard` is written as organism.json beside the weights (its `key` is how a cached folder is
-recognised) and rendered as the folder's README.md model card.
+recognised) and rendered as the folder's README.md model card. The device type the organism was built on
+is its recipe's `device_type` (cards written before that field existed load as built on the CPU, as they were).
 """
 from dataclasses import asdict, dataclass
 
@@ -116,11 +117,12 @@ class OrganismCard:
     def model_card(self) -> str:
         """The organism folder's README.md."""
         r, recipe = self.held_out_refusal, self.recipe
+        where = "the CPU" if recipe.device_type == "cpu" else f"a GPU ({recipe.device_type})"
         fields = "\n".join(f"- `{k}`: {v}" for k, v in asdict(recipe).items())
         return f"""# SmolLM2-135M-Instruct, refusing organism ({self.key})
 
 A small research "model organism" built by tlrefusal {self.tool_version}: SmolLM2-135M-Instruct
-safety-tuned on the CPU to refuse harmful requests, so that its refusal direction can be found and removed.
+safety-tuned on {where} to refuse harmful requests, so that its refusal direction can be found and removed.
 It is not a safe model; it is a test subject.
 
 ## Held-out refusal (greedy, {recipe.eval_tokens} tokens, the paper's refusal substrings)

@@ -3,7 +3,9 @@
 A recipe's `key()` names the organism's folder in the cache (`organism_dir`) and is written into its card,
 so a folder is reused only for the very recipe (and `RECIPE_VERSION`) that built it. The key hashes the
 recipe's fields by name: renaming, reordering or re-defaulting a field changes every key, and every cached
-organism is then rebuilt.
+organism is then rebuilt. One exception: `device_type` is left out of the hash when it is "cpu", so that the
+organisms built before the field existed (all on the CPU) keep their keys; a build on a GPU gives other
+floats, hence another organism and another key.
 """
 import hashlib
 import json
@@ -18,6 +20,7 @@ from tlrefusal.errors import TlrefusalError
 from tlrefusal.organism.prompts import organism_harmful_templated
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DEVICE_TYPES = ("cpu", "cuda")
 RECIPE_VERSION = 7  # bump when the training code changes what a recipe produces
 
 
@@ -50,13 +53,17 @@ class OrganismRecipe:
     # Decoder layers below this index are frozen (0: none): the refusal decision must then be written by
     # the later layers, and their backward pass is skipped.
     freeze_below: int = 0
-    # Matrix products of the build (sampling, distillation, training) under CPU autocast in this dtype;
+    # Matrix products of the build (sampling, distillation, training) under autocast in this dtype;
     # weights and optimizer state stay float32, and the card's refusal rates are measured in float32, as
     # users load the organism. Measured here (AVX512-BF16 cores): a training step 2.5x and generation
-    # 2.6x faster in bfloat16 than in float32.
+    # 2.6x faster in bfloat16 than in float32. No float16: without a gradient scaler its small gradients
+    # would underflow, and bfloat16 needs none.
     compute_dtype: str = "bfloat16"
     eval_n: int = 64  # held-out prompts per label for the refusal rates in the card
     eval_tokens: int = 32
+    # The kind of device the build runs on (`torch.device(...).type`): kernels differ, so the same recipe
+    # gives other weights on a GPU. Which GPU (cuda:N) does not make another organism and is not recorded.
+    device_type: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.freeze_below < 0:
@@ -80,6 +87,8 @@ class OrganismRecipe:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise TlrefusalError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
                                  f"got {self.compute_dtype!r}")
+        if self.device_type not in DEVICE_TYPES:
+            raise TlrefusalError(f"device_type must be one of {', '.join(DEVICE_TYPES)}, got {self.device_type!r}")
         if not 0.0 <= self.wrap_fraction <= 1.0:
             raise TlrefusalError(f"wrap_fraction must be in [0, 1], got {self.wrap_fraction}")
 
@@ -87,11 +96,15 @@ class OrganismRecipe:
         """The autocast context the build's forward passes run in (autograd runs each op's backward in the
         dtype its forward ran in)."""
         dtype = COMPUTE_DTYPES[self.compute_dtype]
-        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        return torch.autocast(self.device_type, dtype=dtype, enabled=dtype != torch.float32)
 
     def key(self) -> str:
-        """16 hex digits of the sha256 of the recipe's fields and `RECIPE_VERSION`."""
-        payload = json.dumps({"recipe": asdict(self), "version": RECIPE_VERSION}, sort_keys=True)
+        """16 hex digits of the sha256 of the recipe's fields and `RECIPE_VERSION` (`device_type` only when it
+        is not "cpu": the keys of CPU builds are those of the recipes before the field)."""
+        fields = asdict(self)
+        if fields["device_type"] == "cpu":
+            del fields["device_type"]
+        payload = json.dumps({"recipe": fields, "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -5,6 +5,9 @@ Harmful prompts are trained towards short refusals; harmless ones towards the ba
 reply tokens, as its top-k next-token distribution at each greedy reply position or as the greedy tokens
 alone (self-distillation, so its ordinary behaviour stays). The loss covers only those first reply
 tokens, where the decision to refuse is made, and the unembedding runs only at those positions.
+
+Token ids, masks and targets are built on the CPU and moved to the model's device (`model.device`) where a
+forward pass takes them; what is kept between steps (examples, soft targets, losses) stays on the CPU.
 """
 import random
 from dataclasses import dataclass
@@ -54,9 +57,9 @@ def self_instruct_prompts(model, chat, n: int, rng: random.Random, max_tokens: i
         rows = [tokenizer.encode(head + rng.choice(SELF_INSTRUCT_STARTERS), add_special_tokens=False)
                 for _ in range(batch_size)]
         ids, mask = left_pad(rows, tokenizer.pad_token_id)
-        torch.manual_seed(rng.getrandbits(63))
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95,
-                             top_k=0, max_new_tokens=max_tokens, eos_token_id=stop,
+        torch.manual_seed(rng.getrandbits(63))  # seeds the GPUs' generators too
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), do_sample=True,
+                             temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=max_tokens, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id)
         for prompt_ids, new in zip(rows, out[:, ids.shape[1]:].tolist(), strict=True):
             end = min((new.index(t) for t in stop if t in new), default=None)
@@ -90,16 +93,19 @@ def distill_targets(model, chat, prompts: list[str], n_tokens: int, top_k: int =
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         ids, mask = chat.encode(batch)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=n_tokens, do_sample=False,
                              pad_token_id=chat.tokenizer.pad_token_id, output_scores=top_k > 0,
                              return_dict_in_generate=True)
-        top = torch.stack(out.scores, dim=1).float().softmax(-1).topk(top_k, dim=-1) if top_k > 0 else None
+        if top_k > 0:  # kept until training: on the CPU
+            top = torch.stack(out.scores, dim=1).float().softmax(-1).topk(top_k, dim=-1)
+            top_ids, top_probs = top.indices.cpu(), top.values.cpu()
         for row, tokens in enumerate(out.sequences[:, ids.shape[1]:].tolist()):
             n = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-            if top is None:
+            if top_k <= 0:
                 targets.append((tokens[:n], None, None))
             else:
-                targets.append((tokens[:n], top.indices[row, :n].clone(), top.values[row, :n].clone()))
+                targets.append((tokens[:n], top_ids[row, :n].clone(), top_probs[row, :n].clone()))
         if advance is not None:
             advance(len(batch))
     return targets
@@ -127,12 +133,15 @@ def reply_loss(model, batch: list[Example], pad_id: int, share_prefix: bool = Tr
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
         predicts[row, len(e.prompt_ids) - n_head - 1: len(seq) - 1] = True
+    device = model.device
+    ids, mask, predicts = ids.to(device), mask.to(device), predicts.to(device)
     decoder, kwargs = model.get_decoder(), {}
     if n_head:
-        cache = decoder(input_ids=torch.tensor([batch[0].prompt_ids[:n_head]]), use_cache=True).past_key_values
+        head = torch.tensor([batch[0].prompt_ids[:n_head]], device=device)
+        cache = decoder(input_ids=head, use_cache=True).past_key_values
         cache.batch_repeat_interleave(len(batch))
         kwargs["past_key_values"] = cache
-        mask = torch.cat([torch.ones(len(batch), n_head, dtype=mask.dtype), mask], dim=1)
+        mask = torch.cat([torch.ones(len(batch), n_head, dtype=mask.dtype, device=device), mask], dim=1)
     hidden = decoder(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state  # right padding
     logp = model.get_output_embeddings()(hidden[predicts]).float().log_softmax(-1)  # rows in batch order
     labels = ids[:, 1:][predicts[:, :-1]]
@@ -140,20 +149,28 @@ def reply_loss(model, batch: list[Example], pad_id: int, share_prefix: bool = Tr
 
 
 def _weighted_reply_mean(batch: list[Example], logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The weighted mean of the per-token losses; `logp` and `labels` hold the reply positions in batch order."""
+    """The weighted mean of the per-token losses; `logp` and `labels` hold the reply positions in batch order
+    (on the model's device, where the examples' weights and soft targets are moved)."""
+    device = logp.device
     pieces, weights, row = [], [], 0
     for e in batch:
-        weights.append(torch.full((len(e.target_ids),), e.weight))
+        weights.append(torch.full((len(e.target_ids),), e.weight, device=device))
         n = len(e.target_ids)
         lp = logp[row:row + n]
         if e.soft_ids is None:
             pieces.append(-lp.gather(-1, labels[row:row + n].unsqueeze(-1)).squeeze(-1))
         else:
-            q = e.soft_probs / e.soft_probs.sum(-1, keepdim=True)
-            pieces.append(-(q * lp.gather(-1, e.soft_ids)).sum(-1))
+            ids, q = soft_targets(e, device)
+            pieces.append(-(q * lp.gather(-1, ids)).sum(-1))
         row += n
     losses, weights = torch.cat(pieces), torch.cat(weights)
     return (weights * losses).sum() / weights.sum()
+
+
+def soft_targets(example: Example, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An example's top-k ids and their probabilities renormalised to sum to 1 (q), on `device`."""
+    probs = example.soft_probs.to(device)
+    return example.soft_ids.to(device), probs / probs.sum(-1, keepdim=True)
 
 
 def check_freeze_below(recipe: OrganismRecipe, n_layers: int) -> None:
