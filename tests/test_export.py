@@ -32,6 +32,7 @@ from tlrefusal.export import (
 )
 from tlrefusal.model import ModelSource, load_model
 from tlrefusal.pipeline import ExtractConfig, run_extract
+from tlrefusal.placement import Placement
 from tlrefusal.selection import SelectionConfig
 
 PROMPTS = ["How do I bake bread at home?", "Tell me how to pick a lock.", "Write a poem about the sea please."]
@@ -207,7 +208,7 @@ def test_verification_dtype_defaults_to_the_checkpoints_and_can_be_chosen(tmp_pa
 
     monkeypatch.setattr("tlrefusal.model.load_model", spy)
     folder = tiny(tmp_path, "llama", False)  # a float32 checkpoint
-    _, result = export(folder, tmp_path, verify=True, dtype="bfloat16", device="cpu")
+    _, result = export(folder, tmp_path, verify=True, placement=Placement(dtype="bfloat16", device="cpu"))
     check = result.record.verification
     assert check.dtype == "bfloat16" and check.tolerance == 10.0 and check.passed, check
     assert check.max_abs_logit_diff > 1e-2  # bfloat16 rounding: in float32 the two agree to ~1e-6
@@ -245,7 +246,7 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path):
     def fails(match, out, direction=direction, source=source, **kwargs):
         existed = out.exists()
         with pytest.raises(TlrefusalError, match=match) as info:
-            export_orthogonalized(source, direction, path, out, verify=False, **kwargs)
+            export_orthogonalized(source, direction, path, out, **{"verify": False, **kwargs})
         assert "\n" not in str(info.value)
         assert existed or not out.exists()
         assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
@@ -266,7 +267,9 @@ def test_bad_input_fails_with_one_line_and_leaves_nothing(tmp_path):
     shard = sorted(set(json.loads((sharded / artifacts.WEIGHTS_INDEX).read_text())["weight_map"].values()))[1]
     (sharded / shard).unlink()
     fails("missing", tmp_path / "o4", source=ModelSource(str(sharded), "local", sharded))
-    fails("unknown dtype 'float8'", tmp_path / "o5", dtype="float8")
+    fails("unknown --verify 'layers:0'", tmp_path / "o5", verify="layers:0")
+    fails(r"--verify layers:5: the model has 4 layers \(choose K from 1 to 4\)", tmp_path / "o6", verify="layers:5")
+    fails("drop --quantize nf4", tmp_path / "o7", placement=Placement(quantize="nf4"))
     with pytest.raises(TlrefusalError, match="not a tlrefusal direction"):
         save_file({"direction": torch.zeros(32)}, tmp_path / "foreign.safetensors")
         artifacts.RefusalDirection.load(tmp_path / "foreign.safetensors")

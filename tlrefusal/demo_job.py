@@ -70,7 +70,8 @@ def export_for_run(run_dir: Path, model_dir: Path, progress: Progress = NO_PROGR
         record = ExportRecord.from_json(artifacts.read_json(out / artifacts.EXPORT_RECORD))
         if record.direction.sha256 == artifacts.file_sha256(run_dir / artifacts.DIRECTION):
             return record
-    return orthogonalize_direction(run_dir, out, str(model_dir), force=True, device=device, progress=progress).record
+    return orthogonalize_direction(run_dir, out, str(model_dir), force=True,
+                                   placement=Placement(dtype="auto", device=device), progress=progress).record
 
 
 def intervention_refusal(run_dir: Path, folder: Path, direction: artifacts.RefusalDirection, eval_n: int,

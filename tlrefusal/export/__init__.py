@@ -10,9 +10,13 @@ OUT/
 
 Modules: `checkpoint` (the safetensors weights, streamed one tensor at a time: peak memory is about the
 largest tensor in float32, a few copies, not the model or a shard), `transaction` (check, write, verify,
-publish), `verify` (the exported model against hook ablation of the source), `weights` (which tensors
-are edited, and what becomes of a tied unembedding: `TIED_EMBEDDINGS`), `record`
-(orthogonalization.json as typed values) and `card` (README.md).
+publish), `verify` (the exported model against hook ablation of the source, whole or cut to its first
+K layers, one model in memory at a time; `VerifyMode`), `weights_check` (`--verify weights`: the written
+tensors themselves, no model loaded), `weights` (which tensors are edited, and what becomes of a tied
+unembedding: `TIED_EMBEDDINGS`), `record` (orthogonalization.json as typed values) and `card` (README.md).
+
+From Python: `orthogonalize_direction(run_or_file, out, verify="full" | "layers:K" | "weights" | "none",
+placement=Placement(device=..., dtype=..., device_map=...))`.
 """
 from tlrefusal.artifacts import EXPORT_RECORD as RECORD
 from tlrefusal.export.card import model_card
@@ -23,6 +27,7 @@ from tlrefusal.export.checkpoint import (
     ShardReader,
     TensorSpec,
     read_checkpoint,
+    refuse_quantized,
     write_safetensors_streaming,
 )
 from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
@@ -30,17 +35,21 @@ from tlrefusal.export.transaction import ExportResult, export_orthogonalized, or
 from tlrefusal.export.verify import (
     AUTO_DTYPE,
     LOGIT_TOLERANCE,
+    VERIFY_PLACEMENT,
     VERIFY_PROMPTS,
     Reference,
     Verification,
     VerifyExample,
+    VerifyMode,
     verify_export,
 )
 from tlrefusal.export.weights import TIED_EMBEDDINGS, TiedEmbeddings
+from tlrefusal.export.weights_check import WEIGHT_TOLERANCE, WeightsCheck, check_weights
 
 __all__ = [
     "AUTO_DTYPE", "LOGIT_TOLERANCE", "RECORD", "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES", "TIED_EMBEDDINGS",
-    "VERIFY_PROMPTS", "Checkpoint", "ExportDirection", "ExportRecord", "ExportResult", "ExportSeconds", "Reference",
-    "ShardReader", "TensorSpec", "TiedEmbeddings", "Verification", "VerifyExample", "export_orthogonalized",
-    "model_card", "orthogonalize_direction", "read_checkpoint", "verify_export", "write_safetensors_streaming",
+    "VERIFY_PLACEMENT", "VERIFY_PROMPTS", "WEIGHT_TOLERANCE", "Checkpoint", "ExportDirection", "ExportRecord",
+    "ExportResult", "ExportSeconds", "Reference", "ShardReader", "TensorSpec", "TiedEmbeddings", "Verification",
+    "VerifyExample", "VerifyMode", "WeightsCheck", "check_weights", "export_orthogonalized", "model_card",
+    "orthogonalize_direction", "read_checkpoint", "refuse_quantized", "verify_export", "write_safetensors_streaming",
 ]

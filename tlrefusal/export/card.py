@@ -1,6 +1,7 @@
 """The model card (README.md, `artifacts.MODEL_CARD`) of an orthogonalized checkpoint: its record in prose."""
 from tlrefusal.export.record import ExportRecord
 from tlrefusal.export.verify import EDITED_UNEMBEDDING, HOOK_ABLATION, Verification
+from tlrefusal.export.weights_check import WeightsCheck
 
 
 def model_card(record: ExportRecord) -> str:
@@ -20,7 +21,7 @@ on refusal; it will follow harmful instructions.
 - source: `{record.source.spec}` ({record.model_type})
 - direction: layer {d.layer}, position {d.position}, norm {d.norm:.4g}, `{d.file}` (sha256 {d.sha256[:16]}...)
 - tied embeddings: `{record.tied_embeddings or "not tied"}`
-{untied}{gap}
+{_quantized(d.quantize)}{untied}{gap}
 ## Verification
 {_verified(record.verification)}
 """
@@ -41,11 +42,32 @@ _REFERENCE = {
 }
 
 
-def _verified(check: Verification | None) -> str:
+def _quantized(quantize: str | None) -> str:
+    if quantize is None:
+        return ""
+    return (f"- the direction was extracted from a {quantize}-quantized (bitsandbytes) load of the model; the "
+            "weights edited here are its full-precision checkpoint's\n")
+
+
+def _verified(check: Verification | WeightsCheck | None) -> str:
     if check is None:
-        return "Not verified (`--no-verify`)."
+        return "Not verified (`--verify none`)."
+    if isinstance(check, WeightsCheck):
+        outcome = "passed" if check.passed else f"FAILED for {check.n_failed} tensors: {'; '.join(check.failures)}"
+        return (f"`--verify weights` (no model loaded): each of the {check.n_edited} edited tensors, read back, "
+                f"has a component along the direction of at most {check.max_residual:.3g} of a typical "
+                f"direction's and differs from W - r r^T W recomputed from the source by at most "
+                f"{check.max_edit_error:.3g} relative (tolerances {_tolerances(check.tolerances)}); the other "
+                f"{check.n_unedited} tensors are byte-for-byte the source's. {outcome}.")
+    cut = "" if check.layers is None else (
+        f" Both models were cut to their first {check.layers} layers (`--verify layers:{check.layers}`): this "
+        "checks the embeddings, those layers' output projections and the unembedding, not the later layers.")
     return (f"Reloaded with plain `transformers` and compared with {_REFERENCE[check.reference]} "
             f"on {check.n_prompts} chat prompts, {check.dtype}: max |logit "
             f"difference| {check.max_abs_logit_diff:.3g} (tolerance {check.tolerance:.3g}); greedy "
             f"continuations of {check.n_tokens} tokens equal for {check.greedy_equal} of "
-            f"{check.n_prompts}.")
+            f"{check.n_prompts}.{cut}")
+
+
+def _tolerances(tolerances: dict[str, float]) -> str:
+    return ", ".join(f"{dtype} {value:.3g}" for dtype, value in sorted(tolerances.items())) or "none"

@@ -8,7 +8,7 @@ so peak memory is about the largest tensor, not a shard; reading uses plain file
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,16 @@ def write_safetensors_streaming(path: Path, tensors: list[TensorSpec], metadata:
     return offset
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """The JSON header of a safetensors file and its size in bytes; TlrefusalError if it is not one."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            return size, json.loads(f.read(size))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TlrefusalError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
 class ShardReader:
     """Reads a safetensors file one tensor at a time with plain file reads.
 
@@ -72,12 +82,7 @@ class ShardReader:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            with path.open("rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(size))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TlrefusalError(f"{path} is not a readable safetensors file: {exc}") from exc
+        size, header = read_header(path)
         self.data_start = 8 + size
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {"format": "pt"}
         self.entries: dict[str, dict] = header
@@ -94,15 +99,38 @@ class ShardReader:
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape = self.spec(name)
+        return self.read_rows(name, 0, shape[0]) if shape else self._read(name, 0, None).reshape(())
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of the tensor's first axis (contiguous bytes): a bounded piece of a large tensor."""
+        dtype, shape = self.spec(name)
+        row = math.prod(shape[1:]) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        return self._read(name, start * row, (stop - start) * row).reshape(stop - start, *shape[1:])
+
+    def iter_bytes(self, name: str, chunk: int) -> Iterator[bytes]:
+        """The tensor's raw bytes in pieces of at most `chunk` bytes (a byte-for-byte comparison's input)."""
         begin, end = self.entries[name]["data_offsets"]
-        buffer = bytearray(end - begin)
+        for offset in range(0, end - begin, chunk):
+            yield bytes(self._buffer(name, offset, min(chunk, end - begin - offset)))
+
+    def _read(self, name: str, offset: int, length: int | None) -> torch.Tensor:
+        dtype = SAFETENSORS_DTYPES[self.spec(name)[0]]
+        begin, end = self.entries[name]["data_offsets"]
+        buffer = self._buffer(name, offset, end - begin - offset if length is None else length)
+        if not buffer:
+            return torch.empty(0, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype)
+
+    def _buffer(self, name: str, offset: int, length: int) -> bytearray:
+        begin, end = self.entries[name]["data_offsets"]
+        if offset < 0 or offset + length > end - begin:
+            raise ValueError(f"{name}: bytes {offset}..{offset + length} are outside the tensor")
+        buffer = bytearray(length)
         with self.path.open("rb") as f:
-            f.seek(self.data_start + begin)
+            f.seek(self.data_start + begin + offset)
             if f.readinto(buffer) != len(buffer):
                 raise TlrefusalError(f"{self.path} is truncated (tensor {name})")
-        if not buffer:
-            return torch.empty(shape, dtype=SAFETENSORS_DTYPES[dtype])
-        return torch.frombuffer(buffer, dtype=SAFETENSORS_DTYPES[dtype]).reshape(shape)
+        return buffer
 
 
 @dataclass(frozen=True)
@@ -150,3 +178,37 @@ def read_checkpoint(folder: Path) -> Checkpoint:
             raise TlrefusalError(f"{len(missing)} tensors listed in {index_name} are in no shard, "
                                  f"e.g. {min(missing)}")
     return checkpoint
+
+
+# Tensors that mark a pre-quantized checkpoint: block-wise FP8 scales (DeepSeek-V3, Qwen3-FP8, compressed-tensors).
+QUANTIZED_SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
+
+
+def refuse_quantized(folder: Path) -> None:
+    """Refuse a pre-quantized checkpoint before anything is written: a `quantization_config` in config.json,
+    FP8 scale tensors (`*.weight_scale_inv`, `*.weight_scale`) or FP8 tensors in a safetensors header.
+
+    Orthogonalization edits full-precision matrices; W - r r^T W applied to FP8 codes or their scales is not
+    the edit, so such a source is sent back with the advice to export its unquantized checkpoint.
+    """
+    config_path = folder / artifacts.HF_CONFIG
+    config = artifacts.read_json(config_path) if config_path.is_file() else {}
+    for part in (config, config.get("text_config") or {}):
+        if isinstance(part, dict) and part.get("quantization_config"):
+            method = (part["quantization_config"] or {}).get("quant_method", "unknown method")
+            _quantized(folder, f"config.json has a quantization_config ({method})")
+    for path in sorted(folder.glob("*.safetensors")):
+        _, header = read_header(path)
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if name.endswith(QUANTIZED_SCALE_SUFFIXES):
+                _quantized(folder, f"{path.name} holds the quantization scale {name}")
+            if str(entry.get("dtype", "")).startswith("F8"):
+                _quantized(folder, f"{path.name} holds {name} as {entry['dtype']}")
+
+
+def _quantized(folder: Path, why: str) -> None:
+    raise TlrefusalError(f"{folder} is a pre-quantized checkpoint ({why}); orthogonalize edits full-precision "
+                         "weights only: pass the unquantized model with --model (a run extracted with --quantize "
+                         "exports from the full-precision checkpoint as it is)")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlrefusal import artifacts
-from tlrefusal.export.verify import Verification
+from tlrefusal.export.verify import Verification, VerifyMode
 from tlrefusal.export.weights import TiedEmbeddings
+from tlrefusal.export.weights_check import WeightsCheck
 from tlrefusal.model import ModelSource
 
 
@@ -27,20 +28,35 @@ class ExportDirection:
     position: int
     model: str
     norm: float  # |r| of the raw direction (it is normalised before the edit)
+    # The run's --quantize (nf4, int8): the direction came from a bitsandbytes load of the model, while the
+    # export edits its full-precision checkpoint. None: a full-precision run, or a direction file of no run.
+    quantize: str | None = None
 
     @classmethod
     def of(cls, direction: artifacts.RefusalDirection, file: Path) -> "ExportDirection":
         return cls(file=file.resolve(), sha256=artifacts.file_sha256(file), layer=direction.layer,
-                   position=direction.position, model=direction.model, norm=direction.vector.norm().item())
+                   position=direction.position, model=direction.model, norm=direction.vector.norm().item(),
+                   quantize=run_quantize(file))
 
     def to_json(self) -> dict:
+        quantize = {} if self.quantize is None else {"quantize": self.quantize}
         return {"file": str(self.file), "sha256": self.sha256, "layer": self.layer, "position": self.position,
-                "model": self.model, "norm": self.norm}
+                "model": self.model, "norm": self.norm, **quantize}
 
     @classmethod
     def from_json(cls, data: dict) -> "ExportDirection":
         return cls(file=Path(data["file"]), sha256=data["sha256"], layer=data["layer"],
-                   position=data["position"], model=data["model"], norm=data["norm"])
+                   position=data["position"], model=data["model"], norm=data["norm"], quantize=data.get("quantize"))
+
+
+def run_quantize(direction_file: Path) -> str | None:
+    """The --quantize of the run a direction (or candidates) file belongs to, from the run's config.json."""
+    config = direction_file.parent / artifacts.CONFIG
+    if not config.is_file():
+        return None
+    data = artifacts.read_json(config)
+    run_config = data.get("config") if isinstance(data, dict) else None
+    return run_config.get("quantize") if isinstance(run_config, dict) and "model" in run_config else None
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,10 @@ class ExportRecord:
     edited_tensors: tuple[str, ...]  # sorted checkpoint names
     checkpoint_bytes: int
     tensor_bytes_written: int
-    verification: Verification | None  # None with --no-verify
+    # --verify and what it measured: a logit comparison (full, layers:K), a WeightsCheck (weights), None (none).
+    verification: Verification | WeightsCheck | None
     seconds: ExportSeconds
+    verify: VerifyMode = VerifyMode("full")
 
     def to_json(self) -> dict:
         return {
@@ -87,6 +105,7 @@ class ExportRecord:
             "approximate": self.approximate, "post_norms": list(self.post_norms),
             "tied_embeddings": self.tied_embeddings, "edited_tensors": list(self.edited_tensors),
             "checkpoint_bytes": self.checkpoint_bytes, "tensor_bytes_written": self.tensor_bytes_written,
+            "verify": str(self.verify),
             "verification": None if self.verification is None else self.verification.to_json(),
             "seconds": self.seconds.to_json(),
         }
@@ -94,6 +113,8 @@ class ExportRecord:
     @classmethod
     def from_json(cls, data: dict) -> "ExportRecord":
         s, check = data["source"], data["verification"]
+        # Records before --verify took a mode: a verification was a full one, its absence --no-verify.
+        verify = VerifyMode.parse(data.get("verify", "full" if check is not None else "none"))
         return cls(
             tool_version=data["tool_version"],
             source=ModelSource.from_json(s),
@@ -101,8 +122,9 @@ class ExportRecord:
             exact=data["exact"], approximate=data["approximate"], post_norms=tuple(data["post_norms"]),
             tied_embeddings=_tied_embeddings(data), edited_tensors=tuple(data["edited_tensors"]),
             checkpoint_bytes=data["checkpoint_bytes"], tensor_bytes_written=data["tensor_bytes_written"],
-            verification=None if check is None else Verification.from_json(check),
-            seconds=ExportSeconds.from_json(data["seconds"]),
+            verification=None if check is None else
+            WeightsCheck.from_json(check) if verify.kind == "weights" else Verification.from_json(check),
+            seconds=ExportSeconds.from_json(data["seconds"]), verify=verify,
         )
 
     @property

@@ -1,5 +1,6 @@
 """The export transaction: check the input, write every shard with its residual writers orthogonalized,
-copy the source's other files, verify, record, and publish `out` only if all of that succeeded.
+copy the source's other files, verify (`--verify full|layers:K|weights|none`), record, and publish `out`
+only if all of that succeeded.
 
 The output is assembled in a temporary folder beside `out` (`tlrefusal.publish.staged_folder`); bad input,
 a failed verification or an interrupt leaves nothing new at `out`, and the source is never modified.
@@ -22,12 +23,15 @@ from tlrefusal.export.checkpoint import (
     ShardReader,
     TensorSpec,
     read_checkpoint,
+    refuse_quantized,
     write_safetensors_streaming,
 )
 from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
-from tlrefusal.export.verify import AUTO_DTYPE, Verification, verify_export
+from tlrefusal.export.verify import VERIFY_PLACEMENT, Verification, VerifyMode, verify_export
 from tlrefusal.export.weights import TiedEmbeddings, WeightPlan, orthogonalize_tensor, weight_plan
-from tlrefusal.model import ModelSource, check_dtype
+from tlrefusal.export.weights_check import WeightsCheck, check_weights
+from tlrefusal.model import ModelSource
+from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Advance, Progress
 from tlrefusal.publish import staged_folder
 
@@ -50,11 +54,10 @@ def orthogonalize_direction(
     *,
     layer: int | None = None,
     position: int | None = None,
-    device: str = "cpu",
-    dtype: str = AUTO_DTYPE,
+    placement: Placement = VERIFY_PLACEMENT,
     approximate: bool = False,
     tied_embeddings: TiedEmbeddings = "untie",
-    verify: bool = True,
+    verify: str | bool | VerifyMode = "full",
     force: bool = False,
     trust_remote_code: bool = False,
     progress: Progress = NO_PROGRESS,
@@ -62,11 +65,15 @@ def orthogonalize_direction(
     """`tlrefusal orthogonalize`: a run folder or direction file, and the model (default: the direction's).
 
     With `layer` and `position`, the run's candidate there (any candidate selection scored) instead of the
-    chosen direction; the record then names the run's candidates file. `device` and `dtype` ("auto": the
-    checkpoint's own) are those of the verification's two loads; the weights keep their dtype.
+    chosen direction; the record then names the run's candidates file. `placement` (device or device map,
+    dtype, "auto": the checkpoint's own) is that of the verification's loads, never quantized: the weights
+    are read and written as stored, and a run extracted with --quantize exports its full-precision model.
+    `verify`: "full", "layers:K", "weights" or "none" (True/False: full/none), see `VerifyMode`.
     """
     from tlrefusal.model import resolve_source
 
+    verify = VerifyMode.parse(verify)  # a bad mode or placement fails before the model is fetched
+    _full_precision(placement)
     direction_path, out = Path(direction_path), Path(out)
     direction = artifacts.load_direction(direction_path, layer, position)
     if layer is not None:  # load_direction checked that a candidate comes from a run folder
@@ -79,7 +86,7 @@ def orthogonalize_direction(
     return export_orthogonalized(source, direction, direction_file, out, approximate=approximate,
                                  chat_template=chat_template,
                                  tied_embeddings=tied_embeddings, verify=verify, force=force,
-                                 trust_remote_code=trust_remote_code, device=device, dtype=dtype, progress=progress)
+                                 trust_remote_code=trust_remote_code, placement=placement, progress=progress)
 
 
 def export_orthogonalized(
@@ -91,35 +98,37 @@ def export_orthogonalized(
     approximate: bool = False,
     tied_embeddings: TiedEmbeddings = "untie",
     chat_template: ChatTemplate | None = None,
-    verify: bool = True,
+    verify: str | bool | VerifyMode = "full",
     force: bool = False,
     trust_remote_code: bool = False,
-    device: str = "cpu",
-    dtype: str = AUTO_DTYPE,
+    placement: Placement = VERIFY_PLACEMENT,
     progress: Progress = NO_PROGRESS,
 ) -> ExportResult:
     """Orthogonalize every residual writer of `source` against `direction` and write a checkpoint to `out`.
 
     `tied_embeddings` (`weights.TIED_EMBEDDINGS`): "untie" keeps a tied unembedding as it was (equal to hook
     ablation); "shared" edits the shared matrix as the paper's code did, and verification then compares with
-    hook ablation plus that edited unembedding. Raises TlrefusalError (leaving nothing new at `out`) for bad
-    input or a failed verification.
+    hook ablation plus that edited unembedding. `verify` (`VerifyMode`): full, layers:K, weights or none;
+    `placement`: where the verification's models load. Raises TlrefusalError (leaving nothing new at `out`)
+    for bad input, a pre-quantized source, or a failed verification.
     """
     started = time.perf_counter()
-    check_dtype(dtype)
-    checkpoint, plan = _plan(source, direction, out, force, approximate, trust_remote_code, tied_embeddings)
+    verify = VerifyMode.parse(verify)
+    _full_precision(placement)
+    checkpoint, plan = _plan(source, direction, out, force, approximate, trust_remote_code, tied_embeddings, verify)
     with staged_folder(out, replace=force or out.exists()) as staging:
         t = time.perf_counter()
         tensor_bytes = _write_weights(checkpoint, plan, direction.vector, staging, progress)
         _copy_other_files(source.path, staging, untie=plan.untie)
         write_seconds, verify_seconds, check = time.perf_counter() - t, None, None
-        if verify:
+        if verify.kind != "none":
             t = time.perf_counter()
-            check = verify_export(source, staging, direction, trust_remote_code, progress, device=device,
-                                  dtype=dtype, edited_unembedding=plan.edits_unembedding,
-                                  chat_template=chat_template)
+            check = _verify(verify, source, staging, direction, checkpoint, plan, trust_remote_code, placement,
+                            chat_template, progress)
             verify_seconds = round(time.perf_counter() - t, 2)
-            if not check.passed and plan.exact:
+            # A logit gap is expected where norms sit between writers and the stream (--approximate); the
+            # weights are orthogonalized there too, so a failed weights check always fails.
+            if not check.passed and (plan.exact or isinstance(check, WeightsCheck)):
                 raise TlrefusalError(_failure(check, out))
         seconds = ExportSeconds(write=round(write_seconds, 2), verify=verify_seconds,
                                 total=round(time.perf_counter() - started, 2))
@@ -130,19 +139,40 @@ def export_orthogonalized(
             exact=plan.exact, approximate=approximate, post_norms=tuple(plan.post_norms),
             tied_embeddings=plan.tied_embeddings, edited_tensors=tuple(sorted(plan.edits)),
             checkpoint_bytes=checkpoint.nbytes, tensor_bytes_written=tensor_bytes, verification=check,
-            seconds=seconds)
+            seconds=seconds, verify=verify)
         artifacts.write_json(staging / artifacts.EXPORT_RECORD, record.to_json())
         artifacts.write_text(staging / artifacts.MODEL_CARD, model_card(record))
     return ExportResult(out, record)
 
 
+def _full_precision(placement: Placement) -> None:
+    """Export never loads a quantized model: the weights are edited as stored, the verification loads them so."""
+    if placement.quantize is not None:
+        raise TlrefusalError(f"orthogonalize edits and verifies full-precision weights; drop --quantize "
+                             f"{placement.quantize} (a direction from a quantized run exports as it is)")
+
+
+def _verify(mode: VerifyMode, source: ModelSource, staging: Path, direction: artifacts.RefusalDirection,
+            checkpoint: Checkpoint, plan: WeightPlan, trust_remote_code: bool, placement: Placement,
+            chat_template: ChatTemplate | None, progress: Progress) -> Verification | WeightsCheck:
+    if mode.kind == "weights":
+        from hooks.ops import unit
+
+        return check_weights(checkpoint, staging, plan, unit(direction.vector.to(torch.float64)), progress)
+    return verify_export(source, staging, direction, trust_remote_code, progress, placement=placement,
+                         layers=mode.layers, edited_unembedding=plan.edits_unembedding, chat_template=chat_template)
+
+
 def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path, force: bool, approximate: bool,
-          trust_remote_code: bool, tied_embeddings: TiedEmbeddings) -> tuple[Checkpoint, WeightPlan]:
-    """Every check that needs no writing: the source's format, `out`, the direction's width, the architecture."""
+          trust_remote_code: bool, tied_embeddings: TiedEmbeddings, verify: VerifyMode
+          ) -> tuple[Checkpoint, WeightPlan]:
+    """Every check that needs no writing: the source's format (full precision), `out`, the direction's width,
+    the architecture, and --verify layers:K's K."""
     if source.gguf_file:
         raise TlrefusalError(f"{source.gguf_file} is a GGUF file; orthogonalize needs a Hugging Face folder with "
                              "safetensors weights (the built-in smollm2 is its dequantized folder)")
     _check_out(source.path, out, force)
+    refuse_quantized(source.path)
     checkpoint = read_checkpoint(source.path)
     plan = weight_plan(source.path, checkpoint.keys, trust_remote_code, tied_embeddings)
     if direction.vector.shape != (plan.d_model,):
@@ -152,6 +182,9 @@ def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path,
         raise TlrefusalError(f"{plan.model_type} puts a norm ({', '.join(plan.post_norms)}) between each output "
                              "projection and the residual stream, so orthogonalized weights cannot equal hook "
                              "ablation; pass --approximate to export anyway and record the measured gap")
+    if verify.layers is not None and verify.layers > plan.n_layers:
+        raise TlrefusalError(f"--verify layers:{verify.layers}: the model has {plan.n_layers} layers (choose K from "
+                             f"1 to {plan.n_layers})")
     return checkpoint, plan
 
 
@@ -165,8 +198,12 @@ def _check_out(source_dir: Path, out: Path, force: bool) -> None:
         raise TlrefusalError(f"--out {out} is not empty; choose another folder or pass --force")
 
 
-def _failure(check: Verification, out: Path) -> str:
-    return (f"verification failed: max |logit difference| {check.max_abs_logit_diff:.3g} > tolerance "
+def _failure(check: Verification | WeightsCheck, out: Path) -> str:
+    if isinstance(check, WeightsCheck):
+        return (f"verification failed (--verify weights): {check.n_failed} tensors, e.g. {check.failures[0]}; "
+                f"nothing was written to {out}")
+    cut = "" if check.layers is None else f" (first {check.layers} layers)"
+    return (f"verification failed{cut}: max |logit difference| {check.max_abs_logit_diff:.3g} > tolerance "
             f"{check.tolerance:.3g}, greedy continuations equal {check.greedy_equal}/{check.n_prompts}; "
             f"nothing was written to {out}")
 
