@@ -39,8 +39,7 @@ def greedy_completions(
             out = model.bridge.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                                         max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=bool(stops),
                                         eos_token_id=stops or None, return_type="tokens", verbose=False)
-            for row in out[:, ids.shape[1]:].tolist():
-                replies.append(tokenizer.decode(until_stop(row, stops), skip_special_tokens=True).strip())
+            replies += [decode_reply(tokenizer, row, stops) for row in out[:, ids.shape[1]:].tolist()]
             if advance is not None:
                 advance(len(batch))
     return replies
@@ -54,6 +53,13 @@ def stop_tokens(chat: ChatFormat, tokenizer, stop: str) -> list[int]:
     if stop == "turn":
         return list(chat.stop_ids) or eos
     raise ValueError(f"stop must be 'turn' or 'eos', got {stop!r}")
+
+
+def decode_reply(tokenizer, tokens: list[int], stop_ids: Sequence[int]) -> str:
+    """A reply's text: its tokens before the first stop token, special tokens stripped, whitespace trimmed.
+    Every backend decodes with this one function (`tlrefusal.evaluation.backends`), so equal tokens make
+    equal completions files."""
+    return tokenizer.decode(until_stop(tokens, stop_ids), skip_special_tokens=True).strip()
 
 
 def until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:

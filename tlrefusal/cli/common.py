@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -62,7 +63,7 @@ class RichProgress:
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "[vllm]" is text
     raise typer.Exit(code)
 
 
@@ -153,8 +154,8 @@ OffloadFolder = Annotated[str | None, typer.Option(rich_help_panel=MODEL_PANEL,
                                                    help="Folder for the modules a --device-map puts on disk.")]
 Quantize = Annotated[str | None, typer.Option(
     metavar="nf4|int8", rich_help_panel=MODEL_PANEL,
-    help="Load quantized with bitsandbytes (pip install 'tlrefusal[quantize]'): directions and hooked "
-         "evaluation only; exports always edit the full-precision checkpoint.")]
+    help="Load quantized with bitsandbytes (pip install 'tlrefusal[quantize]'): for extraction and evaluation; "
+         "exports always edit the full-precision checkpoint.")]
 GpusPerReplica = Annotated[int, typer.Option(
     rich_help_panel=MODEL_PANEL,
     help="Under torchrun: GPUs per model replica (with --device-map); rank k uses GPUs k*K..k*K+K-1.")]

@@ -11,10 +11,14 @@ from tlrefusal.cli.common import (
     BatchSize,
     CacheDir,
     Device,
+    DeviceMap,
     Dtype,
     Force,
     Layer,
+    MaxMemory,
+    OffloadFolder,
     Position,
+    Quantize,
     RichProgress,
     TrustRemoteCode,
     _dtype_choice,
@@ -44,21 +48,40 @@ def orthogonalize(
              "the original matrix, exactly equal to hook ablation. shared: the paper's code, one edited matrix; "
              "NOT equal to hook ablation: the unembedding loses its component along r, so logits change "
              "(verified against hook ablation plus that edit). shared is refused for untied models.")] = "untie",
-    verify: Annotated[bool, typer.Option(help="Reload the export with plain transformers and compare it with hook "
-                                              "ablation of the source (skip for models too big to run).")] = True,
+    verify: Annotated[str | None, typer.Option(
+        metavar="full|layers:K|weights|none",
+        help="full: reload the export with plain transformers and compare its logits and greedy text with hook "
+             "ablation of the source (one model in memory at a time). layers:K: the same on both models cut to "
+             "their first K layers (memory of K layers; checks the embeddings, those layers and the unembedding). "
+             "weights: load no model; read every edited tensor back and check it has no component along the "
+             "direction and equals W - r r^T W, and that every other tensor is the source's, byte for byte "
+             "(memory below one tensor). none: skip. [default: full]")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="The same as --verify none.")] = False,
     dtype: Dtype = "auto",
     device: Device = "cpu",
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
     force: Force = False,
     trust_remote_code: TrustRemoteCode = False,
     cache_dir: CacheDir = None,
 ) -> None:
     """Project the refusal direction out of every weight that writes to the residual stream, and save a Hugging
-    Face checkpoint that `transformers` loads as it is (paper, Appendix E). --dtype/--device: the verification."""
+    Face checkpoint that `transformers` loads as it is (paper, Appendix E). --dtype, --device, --device-map,
+    --max-memory, --offload-folder: where the verification loads its models; the weights are edited as stored,
+    always from the full-precision checkpoint (a run extracted with --quantize included)."""
+    from tlrefusal.errors import TlrefusalError
     from tlrefusal.export import orthogonalize_direction
+    from tlrefusal.placement import Placement
 
+    if no_verify and verify not in (None, "none"):
+        raise TlrefusalError(f"--no-verify and --verify {verify} disagree; give one")
+    placement = Placement(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder)
     result = orthogonalize_direction(direction, out_dir, model, cache_dir, layer=layer, position=position,
-                                     device=device, dtype=dtype, approximate=approximate,
-                                     tied_embeddings=tied_embeddings, verify=verify, force=force,
+                                     placement=placement, approximate=approximate,
+                                     tied_embeddings=tied_embeddings,
+                                     verify="none" if no_verify else verify or "full", force=force,
                                      trust_remote_code=trust_remote_code, progress=RichProgress(console))
     render_export(result.record, result.out)
 
@@ -122,10 +145,28 @@ def evaluate(
     coherence_limit: Annotated[int | None, typer.Option(help="Documents per lm-eval (sub)task; 0 for all (the "
                                                              "paper's, --paper) [default: 100].",
                                                         rich_help_panel=DATA_PANEL)] = None,
+    device_map: DeviceMap = None,
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
+    quantize: Quantize = None,
+    guard_device: Annotated[str | None, typer.Option(help="Where the Llama Guard model runs: auto, cpu, cuda or "
+                                                          "cuda:N (default: the evaluated model's device; it loads "
+                                                          "after that model is freed).",
+                                                     rich_help_panel=MODEL_PANEL)] = None,
+    guard_dtype: Annotated[str | None, typer.Option(help="The Llama Guard model's dtype: auto, float32, bfloat16 "
+                                                         "or float16 (default: the evaluated model's).",
+                                                    callback=_dtype_choice, rich_help_panel=MODEL_PANEL)] = None,
+    backend: Annotated[str, typer.Option(metavar="bridge|vllm", rich_help_panel=MODEL_PANEL, help=(
+        "What generates completions and runs lm-eval: bridge (TransformerLens, with or without hooks) or vllm "
+        "(large batches, tensor parallel; only with --model: vLLM cannot project out a direction; CE loss still "
+        "runs on the bridge). pip install 'tlrefusal[vllm]' on a CUDA machine."))] = "bridge",
+    tensor_parallel: Annotated[int, typer.Option(help="GPUs per vLLM engine (--backend vllm).",
+                                                 rich_help_panel=MODEL_PANEL)] = 1,
     cache_dir: CacheDir = None,
 ) -> None:
     """Refusal and safety scores, CE loss, coherence and the magnitude study, under baseline, ablation and
-    activation addition; writes RUN/eval/report.json and report.md."""
+    activation addition; writes RUN/eval/report.json and report.md. With --model: that checkpoint as it is,
+    on the bridge or (--backend vllm) on vLLM."""
     from tlrefusal.evaluation.config import EvalConfig
     from tlrefusal.evaluation.runner import run_eval
 
@@ -139,7 +180,10 @@ def evaluate(
         given["coherence_limit"] = coherence_limit or None  # 0: every document
     config = EvalConfig.resolve(paper, **given, batch_size=batch_size, model=model, guard_model=guard_model,
                                 pile=pile, alpaca=alpaca, magnitude=tuple(magnitude or ()), layer=layer,
-                                position=position, device=device, dtype=dtype)
+                                position=position, device=device, dtype=dtype, device_map=device_map,
+                                max_memory=max_memory, offload_folder=offload_folder, quantize=quantize,
+                                guard_device=guard_device, guard_dtype=guard_dtype, backend=backend,
+                                tensor_parallel=tensor_parallel)
     report = run_eval(run_dir, config, cache_dir, RichProgress(console))
     render_eval(report, run_dir)
 

@@ -68,12 +68,19 @@ def render_export(record, folder: Path) -> None:
     if record.tied_embeddings == "shared":
         out.print("[yellow]not equal to hook ablation[/]: the tied unembedding lost its component along r "
                   "(--tied-embeddings shared, as the paper's code)")
-    check = record.verification
+    if d.quantize is not None:
+        out.print(f"the direction came from a {d.quantize}-quantized load; the full-precision weights were edited")
+    check, mode = record.verification, record.verify
     if check is None:
-        out.print("[yellow]not verified[/] (--no-verify)")
+        out.print("[yellow]not verified[/] (--verify none)")
+    elif mode.kind == "weights":
+        out.print(f"[bold green]verified weights[/] (--verify weights): {check.n_edited} edited tensors, component "
+                  f"along r <= {check.max_residual:.3g}, edit error <= {check.max_edit_error:.3g}; "
+                  f"{check.n_unedited} others byte-equal to the source")
     else:
         status = "[bold green]verified[/]" if check.passed else "[bold yellow]approximate[/]"
-        out.print(f"{status}: max |logit difference| vs {check.reference} {check.max_abs_logit_diff:.3g} "
+        cut = "" if check.layers is None else f" (first {check.layers} layers only, --verify {mode})"
+        out.print(f"{status}{cut}: max |logit difference| vs {check.reference} {check.max_abs_logit_diff:.3g} "
                   f"(tolerance {check.tolerance:.3g}, {check.dtype}); greedy continuations equal "
                   f"{check.greedy_equal}/{check.n_prompts}")
     out.print(f"checkpoint: {folder} (written in {record.seconds.total:.1f}s)")

@@ -8,13 +8,16 @@ generation are all under the intervention. No lm-eval code is reimplemented, so 
 exactly as the harness computes them for any model (tests compare with lm-eval's `hf` model loaded
 from the same folder, and with an orthogonalized checkpoint).
 
+A checkpoint evaluated as loaded with `--backend vllm` runs through lm-eval's own vLLM model instead
+(`lm_eval_vllm`): lm-eval's numbers for that model type, not the bridge's (kernels differ slightly).
+
 Like the paper, no chat template is applied. Tasks come by lm-eval name (the hub supplies their data)
 or as local task YAML files, each optionally with a few-shot count: "NAME:SHOTS" (a plain NAME keeps the
 task's own default). PAPER_TASKS are the paper's settings; REPORT_METRICS the metric quoted per task.
 """
 import functools
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,20 +203,41 @@ def coherence(model: LoadedModel, interventions: dict[str, list[tuple[str, HookF
 
 def task_coherence(model: LoadedModel, interventions: Sequence[Intervention], tasks: Sequence[str],
                    limit: int | None, batch_size: int, progress: Progress = NO_PROGRESS) -> dict[str, TaskCoherence]:
-    """Each task under each intervention, one lm-eval call apiece (`tlrefusal eval`'s coherence section),
-    keyed by the task's name as given (without ":SHOTS"; the shots used are in each result's `n_shot`).
+    """Each task under each intervention, through lm-eval's HFLM over the bridge (`tlrefusal eval`'s coherence
+    section); see `tasks_under`."""
+    lm = lm_eval_model(model, batch_size) if tasks else None
+    contexts = {iv.name: functools.partial(model.bridge.hooks, fwd_hooks=list(iv.hooks)) for iv in interventions}
+    return tasks_under(lm, contexts, tasks, limit, progress)
+
+
+def lm_eval_vllm(path: Path, dtype: str, tensor_parallel: int, trust_remote_code: bool, seed: int = 1234):
+    """lm-eval's own vLLM model (`lm_eval.models.vllm_causallms.VLLM`, lm-eval's "vllm") over a checkpoint
+    folder, evaluated as it is (`tlrefusal eval --backend vllm`): vLLM batches the requests itself."""
+    from tlrefusal.evaluation.backends import import_vllm
+
+    import_vllm()  # lm-eval's own message would name lm-eval's extra, not tlrefusal's
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM(pretrained=str(path), dtype=dtype, tensor_parallel_size=tensor_parallel,
+                trust_remote_code=trust_remote_code, batch_size="auto", seed=seed)
+
+
+def tasks_under(lm, contexts: dict[str, Callable[[], AbstractContextManager]], tasks: Sequence[str],
+                limit: int | None, progress: Progress = NO_PROGRESS) -> dict[str, TaskCoherence]:
+    """Each task with `lm` inside each named context (an intervention's hooks; `nullcontext` for a model as
+    loaded), one lm-eval call apiece, keyed by the task's name as given (without ":SHOTS"; the shots used are
+    in each result's `n_shot`).
 
     A hub task whose data cannot be fetched is reported unavailable; a local task file that fails is an error.
     """
-    lm = lm_eval_model(model, batch_size) if tasks else None
     out: dict[str, TaskCoherence] = {}
     for task in tasks:
         name = parse_task_spec(task).name
         runs: dict[str, LmEvalResult] = {}
-        for iv in interventions:
+        for run_name, context in contexts.items():
             try:
-                with progress.task(f"lm-eval: {task}, {iv.name}", total=None):
-                    runs[iv.name] = run_lm_eval(lm, [task], model.bridge.hooks(fwd_hooks=list(iv.hooks)), limit=limit)
+                with progress.task(f"lm-eval: {task}, {run_name}", total=None):
+                    runs[run_name] = run_lm_eval(lm, [task], context(), limit=limit)
             except Exception as exc:  # lm-eval and datasets raise many types when the hub is out of reach
                 if Path(name).suffix in (".yaml", ".yml"):
                     raise

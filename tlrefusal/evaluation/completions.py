@@ -3,8 +3,8 @@
 RUN/eval/completions/<set>.<intervention>.jsonl holds one {"prompt", "category", "completion"} a line;
 <set>.<intervention>.json beside it records what produced them (`CompletionSetup` plus the intervention and
 a hash of the prompts). A later evaluation whose record is equal reuses the completions instead of
-generating them again; any difference (another model, direction, reply length, stop rule, dtype or device)
-regenerates.
+generating them again; any difference (another model, direction, reply length, stop rule, dtype, device,
+device map, quantization or backend) regenerates.
 """
 import hashlib
 import json
@@ -12,13 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlrefusal import artifacts
-from tlrefusal.chat import ChatFormat
 from tlrefusal.data import Prompt, prompts_hash, read_text
+from tlrefusal.evaluation.backends import Generator
 from tlrefusal.evaluation.config import EvalConfig
 from tlrefusal.evaluation.sets import EvalSet, slug
-from tlrefusal.generation import greedy_completions
 from tlrefusal.interventions import Intervention
-from tlrefusal.model import LoadedModel, ModelSource
+from tlrefusal.model import ModelSource
 from tlrefusal.progress import Progress
 
 
@@ -40,9 +39,10 @@ class Completion:
 class CompletionSetup:
     """Everything besides the prompts and the intervention that decides what greedy decoding produces.
 
-    `overrides` holds only what differs from the run's own setup and the default stop rule (a candidate
-    direction picked by layer and position, another dtype or device, stopping at EOS only), so completions
-    recorded without any override stay reusable.
+    `overrides` holds only what differs from the run's own setup and the defaults (a candidate direction
+    picked by layer and position, another dtype or device, a device map, a quantization, stopping at EOS
+    only, the vLLM backend and its tensor parallelism), so completions recorded without any override stay
+    reusable.
     """
 
     model: str  # the folder or file the weights were loaded from
@@ -72,16 +72,23 @@ def completion_setup(run_dir: Path, run_config: dict, config: EvalConfig, source
     for name in ("dtype", "device"):
         if getattr(config, name) is not None and getattr(config, name) != run_config[name]:
             overrides[name] = getattr(config, name)
+    for name in ("device_map", "quantize"):  # how the weights are placed or rounded changes what is computed
+        if getattr(config, name) is not None:
+            overrides[name] = getattr(config, name)
     if config.stop != "turn":
         overrides["stop"] = config.stop
+    if config.backend != "bridge":  # other kernels, other batching: greedy replies may differ
+        overrides["backend"] = config.backend
+        overrides["tensor_parallel"] = config.tensor_parallel
     return CompletionSetup(model=source.to_json()["loaded_from"], hooked=config.model is None,
                            direction_sha256=digest, max_new_tokens=config.max_new_tokens,
                            overrides=tuple(overrides.items()))
 
 
 def completions(out_dir: Path, eval_set: EvalSet, intervention: Intervention, setup: CompletionSetup,
-                model: LoadedModel, chat: ChatFormat, config: EvalConfig, progress: Progress) -> list[Completion]:
-    """Greedy completions of `eval_set` under `intervention`, reused from `out_dir` when the same setup wrote them."""
+                generator: Generator, progress: Progress) -> list[Completion]:
+    """Greedy completions of `eval_set` under `intervention` by `generator`, reused from `out_dir` when the same
+    setup wrote them."""
     stem = f"{eval_set.name}.{slug(intervention.name.replace('+', 'plus ').replace('-', 'minus '))}"
     folder = out_dir / artifacts.COMPLETIONS_DIR
     jsonl, record_path = folder / f"{stem}.jsonl", folder / f"{stem}.json"
@@ -89,8 +96,7 @@ def completions(out_dir: Path, eval_set: EvalSet, intervention: Intervention, se
     if jsonl.is_file() and record_path.is_file() and artifacts.read_json(record_path) == record:
         return [Completion.from_json(json.loads(line)) for line in read_text(jsonl).splitlines()]
     with progress.task(f"Completions: {eval_set.name}, {intervention.name}", total=len(eval_set.prompts)) as advance:
-        replies = greedy_completions(model, chat, eval_set.instructions, config.max_new_tokens, intervention.hooks,
-                                     batch_size=config.batch_size, advance=advance, stop=config.stop)
+        replies = generator.replies(eval_set.instructions, intervention, advance)
     rows = [Completion(p.instruction, p.category, reply) for p, reply in zip(eval_set.prompts, replies, strict=True)]
     artifacts.write_text(jsonl, "".join(json.dumps(row.to_json(), ensure_ascii=False) + "\n" for row in rows))
     artifacts.write_json(record_path, record)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.evaluation.coherence import DEFAULT_TASKS
-from tlrefusal.model import check_dtype
+from tlrefusal.model import check_dtype, resolve_device
+from tlrefusal.placement import Placement
 
 CE_DATASETS = ("pile", "alpaca", "on-distribution")
 # How the evaluation sets are drawn (`tlrefusal.evaluation.sets`):
@@ -20,6 +21,12 @@ EVAL_SETS = ("held-out", "paper")
 # Where a reply stops (`tlrefusal.generation`): "turn": EOS or the template's end-of-turn token;
 # "eos": the tokenizer's EOS only (the original code: Llama-3 replies run on past <|eot_id|>).
 STOPS = ("turn", "eos")
+# What generates the completions (`tlrefusal.evaluation.backends`): "bridge", the TransformerBridge, with or
+# without hooks; "vllm", a vLLM engine over a checkpoint evaluated as it is (`model`), no hooks.
+BACKENDS = ("bridge", "vllm")
+HOOKED_VLLM_ERROR = ("--backend vllm cannot project out a direction (vLLM runs no hooks): it evaluates a checkpoint "
+                     "as it is; give --model CHECKPOINT (e.g. from `tlrefusal orthogonalize`), or use --backend "
+                     "bridge for the hooked interventions")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,9 +54,20 @@ class EvalConfig:
     # Any candidate the run scored instead of its chosen direction (both or neither).
     layer: int | None = None
     position: int | None = None
-    # None: the run's own; they apply to the evaluated model and to the Llama Guard model alike.
+    # None: the run's own. Under --backend vllm they apply to what runs on transformers (CE loss, the guard).
     device: str | None = None
     dtype: str | None = None
+    # Several devices and quantized loading of the evaluated model (`tlrefusal.placement.Placement`); None:
+    # one device, full precision (never the run's: each is given for this evaluation).
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    quantize: str | None = None
+    # The Llama Guard model's device and dtype; None: the evaluated model's (its input device with a map).
+    guard_device: str | None = None
+    guard_dtype: str | None = None
+    backend: str = "bridge"  # see BACKENDS
+    tensor_parallel: int = 1  # GPUs per vLLM engine (--backend vllm)
 
     def __post_init__(self) -> None:
         if self.coherence_limit is not None and self.coherence_limit < 1:
@@ -67,8 +85,24 @@ class EvalConfig:
             raise TlrefusalError(f"unknown CE dataset {sorted(unknown)[0]!r} (choose from {', '.join(CE_DATASETS)})")
         if (self.layer is None) != (self.position is None):
             raise TlrefusalError("layer and position go together: give both to pick a candidate, or neither")
-        if self.dtype is not None:
-            check_dtype(self.dtype)
+        for name in ("dtype", "guard_dtype"):
+            if getattr(self, name) is not None:
+                check_dtype(getattr(self, name))
+        self.placement({"device": "cpu", "dtype": "float32"})  # a bad map, budget or quantization fails now
+        if self.guard_device is not None:
+            resolve_device(self.guard_device)  # the guard loads last: a typo must not wait for it
+        if self.backend not in BACKENDS:
+            raise TlrefusalError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.tensor_parallel < 1:
+            raise TlrefusalError(f"tensor_parallel must be at least 1, got {self.tensor_parallel}")
+        if self.backend == "vllm":
+            if self.model is None:
+                raise TlrefusalError(HOOKED_VLLM_ERROR)
+            if self.quantize is not None:
+                raise TlrefusalError("--quantize loads through bitsandbytes on the bridge; vLLM serves the "
+                                     "checkpoint as saved: drop --quantize or use --backend bridge")
+        elif self.tensor_parallel != 1:
+            raise TlrefusalError("--tensor-parallel splits a vLLM engine: it needs --backend vllm")
 
     @classmethod
     def resolve(cls, paper: bool = False, **given) -> "EvalConfig":
@@ -78,6 +112,13 @@ class EvalConfig:
     @property
     def picks_candidate(self) -> bool:
         return self.layer is not None
+
+    def placement(self, run_config: dict) -> Placement:
+        """Where the evaluated model loads: this config's device and dtype, else the run's; its map, budget,
+        offload folder and quantization."""
+        return Placement(device=self.device or run_config["device"], dtype=self.dtype or run_config["dtype"],
+                         device_map=self.device_map, max_memory=self.max_memory, offload_folder=self.offload_folder,
+                         quantize=self.quantize)
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -5,8 +5,9 @@ space-separated words counts as safe whatever the guard says (the paper's code a
 replication both do this). The guard prompt is the guard tokenizer's own chat template applied to a user
 turn and an assistant turn, as both do, and starts with exactly one BOS (the paper's Figure 13): Llama Guard
 2's template writes no BOS text, so the BOS is put in front here unless a template writes it. The guard is a
-local Hugging Face folder (`--guard-model PATH`): it is never downloaded here. `tlrefusal eval` runs it in
-the evaluated model's dtype and on its device.
+local Hugging Face folder (`--guard-model PATH`): it is never downloaded here. `tlrefusal eval` checks its
+folder and tokenizer before generating anything (`check_guard`), loads it only after the evaluated model is
+freed, and runs it on `--guard-device` in `--guard-dtype` (default: the evaluated model's device and dtype).
 """
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,21 +47,38 @@ def too_short_to_judge(completion: str) -> bool:
     return len(completion.split(" ")) < MIN_WORDS
 
 
+def guard_tokenizer(path: Path):
+    """The guard folder's tokenizer, which must carry a chat template; a one-line error for anything else."""
+    from transformers import AutoTokenizer
+
+    if not (path / artifacts.HF_CONFIG).is_file():
+        raise TlrefusalError(f"no guard model at {path} (expected a Hugging Face folder with config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise TlrefusalError(f"could not load the guard model at {path}: {exc}") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise TlrefusalError(f"the guard model at {path} has no chat template")
+    return tokenizer
+
+
+def check_guard(path: Path) -> None:
+    """Refuse a guard folder that cannot judge (no config.json, no tokenizer, no chat template) before any
+    completion is generated: the guard itself loads last."""
+    guard_tokenizer(path)
+
+
 class LlamaGuard:
     """A local Llama Guard 2 folder, run greedily with left padding (the NNsight replication's local setup)."""
 
     def __init__(self, path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        if not (path / artifacts.HF_CONFIG).is_file():
-            raise TlrefusalError(f"no guard model at {path} (expected a Hugging Face folder with config.json)")
+        self.tokenizer = guard_tokenizer(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
         except (OSError, ValueError) as exc:
             raise TlrefusalError(f"could not load the guard model at {path}: {exc}") from exc
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise TlrefusalError(f"the guard model at {path} has no chat template")
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

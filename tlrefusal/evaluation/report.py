@@ -80,7 +80,23 @@ def settings_line(config: EvalConfig) -> str:
     return (f"Settings: {'the paper preset (--paper)' if config.paper else 'tlrefusal defaults'}; "
             f"evaluation sets {config.eval_sets}, stop at {config.stop}, actadd sign {config.actadd_sign}, "
             f"CE {config.ce_n} sequences per dataset, coherence "
-            f"{', '.join(config.tasks) or 'none'} ({config.coherence_limit or 'all'} documents per task).")
+            f"{', '.join(config.tasks) or 'none'} ({config.coherence_limit or 'all'} documents per task)"
+            + _placement_note(config) + ".")
+
+
+def _placement_note(config: EvalConfig) -> str:
+    """What ran where, when it is not one bridge-loaded model in full precision (it can change the numbers)."""
+    notes = []
+    if config.backend != "bridge":
+        notes.append(f"completions and coherence on {config.backend} (tensor parallel {config.tensor_parallel}), "
+                     "CE loss on the bridge")
+    if config.quantize is not None:
+        notes.append(f"quantized {config.quantize}")
+    if config.device_map is not None:
+        notes.append(f"device map {config.device_map}")
+    if config.guard_model is not None and (config.guard_dtype or config.guard_device):
+        notes.append(f"guard in {config.guard_dtype or 'the model dtype'} on {config.guard_device or 'its device'}")
+    return "; " + "; ".join(notes) if notes else ""
 
 
 def _refusal_lines(scores: dict[str, DatasetScores]) -> list[str]:
