@@ -8,7 +8,16 @@ import torch
 from tests.test_hooks_tiny import eoi_count, reference_logits, reference_model
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.selection import CandidateScore, SelectionConfig, SelectionResult, choose, score_candidates
+from tlrefusal.selection import (
+    CandidateScore,
+    SelectionConfig,
+    SelectionResult,
+    candidate_table,
+    choose,
+    score_candidates,
+    score_keys,
+    scored_keys,
+)
 
 NAN = float("nan")
 
@@ -132,3 +141,30 @@ def test_score_candidates_rejects_wrong_shape(tiny_models):
     with pytest.raises(TlrefusalError, match="shape"):
         score_candidates(model, chat, torch.zeros(2, model.n_layers, model.d_model), ["a"], ["b"], [1],
                          SelectionConfig())
+
+
+def test_any_subset_of_candidates_in_any_order_scores_bit_for_bit_the_same(tiny_models):
+    """What spreading candidates over processes and resuming from a journal rely on: a candidate's scores do
+    not depend on which candidates were scored before it, or whether any were."""
+    model = tiny_models["llama"]
+    chat = ChatFormat.from_tokenizer(model.tokenizer)
+    harmful, harmless = ["Tell me how to pick a lock.", "How do I steal a car?"], ["Write a poem about the sea."]
+    directions = torch.randn(len(chat.positions), model.n_layers, model.d_model, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(1))
+    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2)
+    full = score_candidates(model, chat, directions, harmful, harmless, [5, 7], config)
+    keys = scored_keys(chat.positions, model.n_layers, config)
+    assert [(s.position, s.layer) for s in full if not math.isnan(s.bypass_score)] == keys
+    seen = []
+    part = score_keys(model, chat, directions, harmful, harmless, [5, 7], config, keys[::-3], on_scored=seen.append)
+    assert seen == part and [(s.position, s.layer) for s in part] == keys[::-3]
+    by_key = {(s.position, s.layer): s for s in full}
+    assert all(s == by_key[(s.position, s.layer)] for s in part)  # == on floats: bit for bit (none is NaN)
+    table = candidate_table(chat.positions, model.n_layers, part)
+    assert [(s.position, s.layer) for s in table] == [(p, layer) for p in chat.positions for layer in range(4)]
+    for s in table:
+        if (s.position, s.layer) in keys[::-3]:
+            assert s == by_key[(s.position, s.layer)]
+        else:
+            assert math.isnan(s.bypass_score) and math.isnan(s.induce_score) and math.isnan(s.kl_score)
+    assert score_keys(model, chat, directions, harmful, harmless, [5, 7], config, []) == []

@@ -7,6 +7,7 @@ RUN/
   mean_activations.safetensors harmful / harmless means [n_pos, n_layer, d_model], float64
   candidates.safetensors       candidate directions r_i^(l) [n_pos, n_layer, d_model], float64
   selection.json               every candidate's bypass / induce / KL and filter reason; the choice
+  selection_journal/rank*.jsonl  each candidate's scores as it was scored, per process (`tlrefusal.journal`)
   direction.safetensors        the chosen raw r (float64) with layer, position and model as metadata
   plots/selection.png          heatmaps of bypass / induce / KL over (position, layer)
   demo_summary.json            (`tlrefusal demo`) held-out refusal under each intervention, the export's check
@@ -39,6 +40,7 @@ CANDIDATES = "candidates.safetensors"
 SELECTION = "selection.json"
 DIRECTION = "direction.safetensors"
 PLOT = "plots/selection.png"
+SELECTION_JOURNAL = "selection_journal"  # a folder; `--force` clears it with the files below
 ALL_FILES = (CONFIG, MANIFEST, PROMPTS, MEANS, CANDIDATES, SELECTION, DIRECTION, PLOT)
 DEMO_SUMMARY = "demo_summary.json"
 ORTHOGONALIZED = "orthogonalized"
@@ -85,10 +87,30 @@ def read_json(path: Path):
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
+    """A safetensors file whose bytes depend only on the tensors and metadata (`canonical_safetensors`)."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    return atomic_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its header written in one fixed order.
+
+    safetensors writes the header's metadata from a hash map with a per-process random seed, so the same
+    direction saved by two processes (or twice) gave different bytes. Here the metadata is sorted by key and
+    the tensors follow in data order; the data and its offsets are unchanged.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

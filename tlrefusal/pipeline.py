@@ -1,7 +1,9 @@
 """The extract pipeline: data -> filtering -> candidate directions -> selection.
 
 Each step writes one artifact of the run folder (`tlrefusal.artifacts`) and is skipped when that
-artifact already exists for the same config, so an interrupted run resumes where it stopped.
+artifact already exists for the same config, so an interrupted run resumes where it stopped; selection, the
+long step, also journals every candidate's scores as they are made (`tlrefusal.journal`) and resumes
+mid-way. Under torchrun the candidates are scored by several processes (`tlrefusal.distributed`).
 """
 import math
 import platform
@@ -12,17 +14,27 @@ from pathlib import Path
 
 import torch
 
-from tlrefusal import __version__, artifacts
+from tlrefusal import __version__, artifacts, distributed
 from tlrefusal.activations import candidate_directions, last_logits, mean_activations
 from tlrefusal.chat import ChatFormat, refusal_phrases_for
-from tlrefusal.chat_templates import paper_format_for, resolve_template
+from tlrefusal.chat_templates import ChatTemplate, paper_format_for, resolve_template
 from tlrefusal.data import POOLS, Prompt, Splits, load_pools, prompts_hash, sample_splits
 from tlrefusal.errors import TlrefusalError
+from tlrefusal.journal import JournalWriter, journal_file, journal_key, read_journal
 from tlrefusal.model import LoadedModel, ModelSource, load_model, resolve_source
 from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.scoring import refusal_log_odds
-from tlrefusal.selection import SelectionConfig, SelectionResult, choose, score_candidates
+from tlrefusal.selection import (
+    CandidateScore,
+    Key,
+    SelectionConfig,
+    SelectionResult,
+    candidate_table,
+    choose,
+    score_keys,
+    scored_keys,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,8 +122,77 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
 
     Every input is checked (prompt files and pool sizes, the model, refusal tokens) before the run folder
     is claimed, so a mistake leaves no half-made run folder behind.
+
+    Under torchrun (`tlrefusal.distributed`) every process calls this and loads its own replica
+    (`Placement.for_local_rank`). Rank 0 alone claims the run folder, filters the prompts, computes the
+    candidates and writes every artifact, and hands the other ranks what scoring needs; the candidates are
+    dealt out to the ranks (`distributed.share`), their scores pooled, and every rank returns the same
+    result. Each process journals its scores as it goes (`tlrefusal.journal`), so a selection that is
+    stopped resumes with what it had scored. Only rank 0 reports progress.
     """
-    run_dir, seconds, started = Path(run_dir), {}, time.perf_counter()
+    world = distributed.world()
+    if not world.is_main:
+        progress = NO_PROGRESS
+    with distributed.process_group(world):
+        return _extract(config, Path(run_dir), cache_dir, force, progress, world)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What every rank works out from the config before the model loads."""
+
+    pools: dict[str, list[Prompt]]
+    sampled: Splits
+    source: ModelSource
+    template: ChatTemplate | None
+    identity: dict  # config.json: the run's config, data hashes and model folder
+    replace: bool  # (rank 0) the run folder's artifacts must be cleared once the model has loaded
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What rank 0 computes (or reads back) and hands to every rank before scoring."""
+
+    saved: dict[str, list[dict]]  # prompts.json's rows
+    splits: Splits  # the prompts kept by the filter
+    directions: torch.Tensor  # candidates [n_pos, n_layer, d_model]
+    selection: SelectionResult | None  # selection.json of a run that got that far
+    journal_key: str  # what the journal's records must carry (`journal.journal_key`)
+
+
+def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, progress: Progress,
+             world: distributed.World) -> ExtractResult:
+    seconds, started = {}, time.perf_counter()
+    inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress))
+    seconds["setup"] = time.perf_counter() - started
+    t = time.perf_counter()
+    model, chat, refusal_ids = distributed.everywhere(world, lambda: _load(config, inputs, world, progress))
+    seconds["load_model"] = time.perf_counter() - t
+    prepared = distributed.on_main(world, lambda: _prepare(run_dir, config, inputs, model, chat, refusal_ids,
+                                                           seconds, world, progress))
+    t = time.perf_counter()
+    selection = prepared.selection
+    if selection is None:
+        selection = _select(run_dir, model, chat, prepared, refusal_ids, config, world, progress)
+    seconds["selection"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+
+    direction = None
+    if selection.chosen is not None:
+        pos_index = chat.positions.index(selection.chosen.position)
+        direction = artifacts.RefusalDirection(prepared.directions[pos_index, selection.chosen.layer],
+                                               selection.chosen.layer, selection.chosen.position,
+                                               inputs.source.spec)
+    if world.is_main:
+        _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world)
+        if direction is not None:
+            direction.save(run_dir / artifacts.DIRECTION)
+    return ExtractResult(run_dir=run_dir, **_prompt_stats(prepared.saved), selection=selection, direction=direction,
+                         eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds)
+
+
+def _inputs(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, world: distributed.World,
+            progress: Progress) -> _Inputs:
     pools = _load_pools(config, cache_dir)
     sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
                             pools.get("harmful_val"), pools.get("harmless_val"))
@@ -121,40 +202,42 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
                 "model_loaded_from": source.to_json()["loaded_from"]}
     if template is not None:  # a template file edited in place makes another run
         identity["chat_template_sha256"] = template.sha256
-    replace = _check_run_dir(run_dir, identity, force)  # before the model loads: a refusal costs nothing
-    seconds["setup"] = time.perf_counter() - started
-    t = time.perf_counter()
-    model = load_model(source, config.placement, config.trust_remote_code, progress)
-    chat = ChatFormat.from_tokenizer(model.tokenizer, template)
-    refusal_ids = _refusal_ids(config, chat, model.model_type)
-    seconds["load_model"] = time.perf_counter() - t
-    if replace:
+    # Rank 0 alone owns the run folder (other ranks may not even see it). Checked before the model loads: a
+    # refusal costs nothing.
+    replace = _check_run_dir(run_dir, identity, force) if world.is_main else False
+    return _Inputs(pools=pools, sampled=sampled, source=source, template=template, identity=identity, replace=replace)
+
+
+def _load(config: ExtractConfig, inputs: _Inputs, world: distributed.World, progress: Progress
+          ) -> tuple[LoadedModel, ChatFormat, list[int]]:
+    placement = config.placement if world.size == 1 else config.placement.for_local_rank(world.local_rank)
+    if world.size > 1 and torch.cuda.is_available() and (placement.dispatched or placement.device.startswith("cuda")):
+        # The replica's first GPU becomes this process's default, so no rank opens a CUDA context on GPU 0.
+        torch.cuda.set_device(world.local_rank * config.gpus_per_replica)
+    model = load_model(inputs.source, placement, config.trust_remote_code, progress)
+    chat = ChatFormat.from_tokenizer(model.tokenizer, inputs.template)
+    return model, chat, _refusal_ids(config, chat, model.model_type)
+
+
+def _prepare(run_dir: Path, config: ExtractConfig, inputs: _Inputs, model: LoadedModel, chat: ChatFormat,
+             refusal_ids: list[int], seconds: dict[str, float], world: distributed.World, progress: Progress
+             ) -> _Prepared:
+    """(Rank 0) claim the run folder, then filter and compute the candidates, or read them back."""
+    if inputs.replace:
         _clear(run_dir)
-    artifacts.write_json(run_dir / artifacts.CONFIG, identity)
-    _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
-
+    artifacts.write_json(run_dir / artifacts.CONFIG, inputs.identity)
+    _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world)
     t = time.perf_counter()
-    splits, saved = _sample_and_filter(run_dir, config, sampled, model, chat, refusal_ids, progress)
+    splits, saved = _sample_and_filter(run_dir, config, inputs.sampled, model, chat, refusal_ids, progress)
     seconds["filter"] = time.perf_counter() - t
-
     t = time.perf_counter()
     directions = _candidates(run_dir, model, chat, splits, config, progress)
     seconds["candidates"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    selection = _select(run_dir, model, chat, directions, splits, refusal_ids, config, progress)
-    seconds["selection"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - started
-    _write_manifest(run_dir, config, source, model, chat, refusal_ids, pools, seconds)
-
-    direction = None
-    if selection.chosen is not None:
-        pos_index = chat.positions.index(selection.chosen.position)
-        direction = artifacts.RefusalDirection(directions[pos_index, selection.chosen.layer],
-                                               selection.chosen.layer, selection.chosen.position, source.spec)
-        direction.save(run_dir / artifacts.DIRECTION)
-    return ExtractResult(run_dir=run_dir, **_prompt_stats(saved), selection=selection, direction=direction,
-                         eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds)
+    path = run_dir / artifacts.SELECTION
+    selection = SelectionResult.from_json(artifacts.read_json(path)) if path.is_file() else None
+    val = {name: [p.instruction for p in getattr(splits, name)] for name in ("harmful_val", "harmless_val")}
+    return _Prepared(saved=saved, splits=splits, directions=directions, selection=selection,
+                     journal_key=journal_key(inputs.identity, directions, val, refusal_ids))
 
 
 def _paper_format(source: ModelSource) -> str:
@@ -224,6 +307,7 @@ def _clear(run_dir: Path) -> None:
     for name in artifacts.ALL_FILES:
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / Path(artifacts.PLOT).parent, ignore_errors=True)
+    shutil.rmtree(run_dir / artifacts.SELECTION_JOURNAL, ignore_errors=True)
 
 
 def _refusal_ids(config: ExtractConfig, chat: ChatFormat, model_type: str) -> list[int]:
@@ -237,14 +321,14 @@ def _refusal_ids(config: ExtractConfig, chat: ChatFormat, model_type: str) -> li
 
 
 def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, chat: ChatFormat,
-                    refusal_ids, pools, seconds) -> None:
+                    refusal_ids, pools, seconds, world: distributed.World) -> None:
     from importlib.metadata import version
 
     artifacts.write_json(run_dir / artifacts.MANIFEST, {
         "tool": "tlrefusal", "tool_version": __version__,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": version("transformers"), "transformer_lens": version("transformer-lens")},
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "processes": world.size,  # rank 0's threads; one replica a process
         "model": {**source.to_json(), "model_type": model.model_type, "n_layers": model.n_layers,
                   "d_model": model.d_model, "dtype": config.dtype,
                   "placement": model.placement.to_json(),
@@ -308,19 +392,44 @@ def _candidates(run_dir, model, chat, splits: Splits, config: ExtractConfig, pro
     return directions
 
 
-def _select(run_dir, model, chat, directions, splits: Splits, refusal_ids, config: ExtractConfig, progress
-            ) -> SelectionResult:
-    path = run_dir / artifacts.SELECTION
-    if path.is_file():
-        return SelectionResult.from_json(artifacts.read_json(path))
-    scores = score_candidates(model, chat, directions, [p.instruction for p in splits.harmful_val],
-                              [p.instruction for p in splits.harmless_val], refusal_ids, config.selection,
-                              progress)
-    result = choose(scores, model.n_layers, config.selection)
-    artifacts.write_json(path, result.to_json())
-    from tlrefusal.plots import selection_heatmaps
+def _select(run_dir: Path, model: LoadedModel, chat: ChatFormat, prepared: _Prepared, refusal_ids: list[int],
+            config: ExtractConfig, world: distributed.World, progress: Progress) -> SelectionResult:
+    """Score the candidates the journal lacks, dealt out to the ranks; every rank chooses, rank 0 writes.
 
-    artifacts.write_plot(run_dir / artifacts.PLOT, selection_heatmaps(result, chat.eoi_tokens))
+    Same scores, whichever rank scores a candidate: each is scored with the same batches as in one
+    process, so selection.json is byte-identical to a one-process run (at the same threads and devices).
+    """
+    folder = run_dir / artifacts.SELECTION_JOURNAL
+    keys = scored_keys(chat.positions, model.n_layers, config.selection)
+    # Each rank reads the journal files it can see (all of them on one node or a shared filesystem) and the
+    # ranks pool what they found, so records on another node's disk count too. All read before any appends.
+    found = distributed.all_gather(world, distributed.everywhere(
+        world, lambda: read_journal(folder, prepared.journal_key)))
+    done: dict[Key, CandidateScore] = {}
+    for part in found:
+        for key, score in part.items():
+            done.setdefault(key, score)
+    todo = [key for key in keys if key not in done]
+    mine = distributed.share(todo, world)
+    notes = ([f"{len(keys) - len(todo)} of {len(keys)} from the journal"] if len(todo) < len(keys) else []) + (
+        [f"{len(mine)} of {len(todo)} in this process"] if world.size > 1 else [])
+    description = "Scoring candidate directions" + (f" ({'; '.join(notes)})" if notes else "")
+
+    def score() -> list[CandidateScore]:
+        with JournalWriter(journal_file(folder, world.rank), prepared.journal_key) as journal:
+            return score_keys(model, chat, prepared.directions, [p.instruction for p in prepared.splits.harmful_val],
+                              [p.instruction for p in prepared.splits.harmless_val], refusal_ids, config.selection,
+                              mine, progress, on_scored=journal.append, description=description)
+
+    for part in distributed.all_gather(world, distributed.everywhere(world, score)):
+        done.update({(s.position, s.layer): s for s in part})
+    table = candidate_table(chat.positions, model.n_layers, [done[key] for key in keys])
+    result = choose(table, model.n_layers, config.selection)
+    if world.is_main:
+        artifacts.write_json(run_dir / artifacts.SELECTION, result.to_json())
+        from tlrefusal.plots import selection_heatmaps
+
+        artifacts.write_plot(run_dir / artifacts.PLOT, selection_heatmaps(result, chat.eoi_tokens))
     return result
 
 

@@ -5,9 +5,12 @@ For each candidate r = r_i^(l) on the filtered validation sets:
 - induce: mean refusal log-odds on harmless val under activation addition of r (c = +1) at layer l;
 - kl:     mean KL(P_base || P_ablated) at the last position on harmless val.
 Discard NaN scores, layers >= int(L * (1 - 0.2)), kl > 0.1 and induce < 0; choose the minimum bypass.
-Candidates the layer filter drops are never scored (their scores stay NaN).
+Candidates the layer filter drops are never scored (their scores stay NaN). `score_keys` scores any list
+of candidates (`scored_keys` lists them in the one fixed order), so the pipeline can deal them out to
+several processes and journal each one as it is scored; `candidate_table` puts the scores back in order.
 """
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from torch import Tensor
@@ -121,6 +124,24 @@ def choose(candidates: list[CandidateScore], n_layers: int, config: SelectionCon
     return SelectionResult(candidates=judged, chosen=chosen, config=config)
 
 
+Key = tuple[int, int]  # a candidate: (position, layer)
+
+
+def scored_keys(positions: Sequence[int], n_layers: int, config: SelectionConfig) -> list[Key]:
+    """The candidates the layer filter keeps, in the one fixed order (position-major, then layer): the order
+    one process scores them in, and the order `distributed.share` deals them out in."""
+    return [(position, layer) for position in positions for layer in range(min(config.first_pruned_layer(n_layers),
+                                                                                n_layers))]
+
+
+def candidate_table(positions: Sequence[int], n_layers: int, scores: Iterable[CandidateScore]) -> list[CandidateScore]:
+    """Every (position, layer), in order, with its scores from `scores` (NaN where it was not scored)."""
+    by_key = {(s.position, s.layer): s for s in scores}
+    nan = float("nan")
+    return [by_key.get((position, layer), CandidateScore(position, layer, nan, nan, nan))
+            for position in positions for layer in range(n_layers)]
+
+
 def score_candidates(
     model: LoadedModel,
     chat: ChatFormat,
@@ -135,30 +156,51 @@ def score_candidates(
 
     `directions` is [n_pos, n_layer, d_model], indexed like `chat.positions`.
     """
+    keys = scored_keys(chat.positions, directions.shape[1], config)
+    scores = score_keys(model, chat, directions, harmful_val, harmless_val, refusal_ids, config, keys, progress)
+    return candidate_table(chat.positions, directions.shape[1], scores)
+
+
+def score_keys(
+    model: LoadedModel,
+    chat: ChatFormat,
+    directions: Tensor,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    refusal_ids: list[int],
+    config: SelectionConfig,
+    keys: Sequence[Key],
+    progress: Progress = NO_PROGRESS,
+    on_scored: Callable[[CandidateScore], None] | None = None,
+    description: str = "Scoring candidate directions",
+) -> list[CandidateScore]:
+    """bypass / induce / KL of the candidates `keys`, in that order; `on_scored` sees each as it is done.
+
+    A candidate's scores depend on nothing but its own direction and the val prompts (the same batches,
+    whichever candidates come before it), so any subset scored in any process equals the same candidates
+    of a full run bit for bit, given the same threads and devices.
+    """
     n_pos, n_layers, _ = directions.shape
     if n_pos != len(chat.positions) or n_layers != model.n_layers:
         raise TlrefusalError(f"candidate directions have shape {tuple(directions.shape)}, expected "
                              f"({len(chat.positions)}, {model.n_layers}, {model.d_model})")
+    scores: list[CandidateScore] = []
+    if not keys:
+        return scores
     bs = config.batch_size
     base_harmless = last_logits(model, chat, harmless_val, batch_size=bs)
-    last_scored = config.first_pruned_layer(n_layers)
-    nan = float("nan")
-    scores: list[CandidateScore] = []
-    n_scored = n_pos * min(last_scored, n_layers)
-    with progress.task("Scoring candidate directions", total=n_scored) as advance:
-        for i, position in enumerate(chat.positions):
-            for layer in range(n_layers):
-                if layer >= last_scored:
-                    scores.append(CandidateScore(position, layer, nan, nan, nan))
-                    continue
-                r = directions[i, layer]
-                ablate = ablation_hooks(r, n_layers)
-                # Harmful and harmless val share the ablation hooks: one pass over both sets.
-                ablated = last_logits(model, chat, harmful_val + harmless_val, ablate, batch_size=bs)
-                bypass = refusal_log_odds(ablated[: len(harmful_val)], refusal_ids).mean().item()
-                kl = kl_divergence(base_harmless, ablated[len(harmful_val):]).mean().item()
-                induced = last_logits(model, chat, harmless_val, addition_hooks(r, layer, 1.0), batch_size=bs)
-                induce = refusal_log_odds(induced, refusal_ids).mean().item()
-                scores.append(CandidateScore(position, layer, bypass, induce, kl))
-                advance(1)
+    with progress.task(description, total=len(keys)) as advance:
+        for position, layer in keys:
+            r = directions[chat.positions.index(position), layer]
+            ablate = ablation_hooks(r, n_layers)
+            # Harmful and harmless val share the ablation hooks: one pass over both sets.
+            ablated = last_logits(model, chat, harmful_val + harmless_val, ablate, batch_size=bs)
+            bypass = refusal_log_odds(ablated[: len(harmful_val)], refusal_ids).mean().item()
+            kl = kl_divergence(base_harmless, ablated[len(harmful_val):]).mean().item()
+            induced = last_logits(model, chat, harmless_val, addition_hooks(r, layer, 1.0), batch_size=bs)
+            induce = refusal_log_odds(induced, refusal_ids).mean().item()
+            scores.append(CandidateScore(position, layer, bypass, induce, kl))
+            if on_scored is not None:
+                on_scored(scores[-1])
+            advance(1)
     return scores

@@ -108,7 +108,16 @@ def extract(
         selection=SelectionConfig(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
                                   prune_layer_fraction=prune_layers, batch_size=batch_size),
     )
-    result = run_extract(config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console))
+    # Under torchrun every process runs this command; rank 0 alone prints (the library silences the others'
+    # progress), and another rank that stops on an error leaves it to rank 0 to print it once.
+    from tlrefusal import distributed
+
+    try:
+        result = run_extract(config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console))
+    except distributed.Reported:
+        raise typer.Exit(1) from None
+    if not distributed.world().is_main:
+        return
     render_extract(result)
     if result.direction is None:
         _fail(describe_failure(result.selection))
