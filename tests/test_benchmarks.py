@@ -278,3 +278,126 @@ def test_bench_organism_candidate_reads_the_scored_position_and_layer(tmp_path):
     got = bench_organism.candidate(tmp_path, SimpleNamespace(position=-3, layer=0), "tiny")
     assert (got.layer, got.position) == (0, -3) and torch.equal(got.vector, candidates[0, 0])
     assert torch.equal(bench_organism.candidates_at(tmp_path, -2), candidates[1])
+
+
+def test_gpu_check_without_cuda_lists_every_check_as_not_run(tmp_path, monkeypatch, capsys):
+    import gpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu.json"
+    assert gpu_check.main(["--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "gpu" and report["cuda"] is False and report["failed"] == {}
+    assert set(report["checks"]) == set(gpu_check.CHECKS)
+    # Nothing passes silently: every check says why it did not run, in the JSON and on the console.
+    assert report["not_run"] == {name: "not run: no CUDA device" for name in gpu_check.CHECKS}
+    printed = capsys.readouterr().out
+    assert all(f"NOT RUN {name}: not run: no CUDA device" in printed for name in gpu_check.CHECKS)
+
+
+def test_gpu_check_scales_the_papers_budget_by_peak_bfloat16_throughput():
+    import gpu_check
+
+    assert gpu_check.gpu_budget("NVIDIA H200")["seconds"] == pytest.approx(300 * 154.8 / 989.5)
+    assert gpu_check.gpu_budget("NVIDIA H200 NVL")["seconds"] == pytest.approx(300 * 154.8 / 835.0)
+    assert gpu_check.gpu_budget("NVIDIA RTX A6000")["seconds"] == pytest.approx(300)
+    assert gpu_check.gpu_budget("Some Future GPU")["seconds"] is None
+    assert gpu_check.extrapolate(3.0, 5.0, (2, 6), 32) == pytest.approx(3.0 + 0.5 * 30)
+
+
+def test_gpu_check_cpu_smoke_runs_the_checks_code(tmp_path):
+    """The GPU checks' code on the CPU with tiny shapes: placements agree bitwise, torchrun's run is
+    byte-identical to one process's, and the extrapolations are the straight lines through what was measured."""
+    import gpu_check
+
+    out = tmp_path / "smoke.json"
+    checks = ["bf16_device_map", "torchrun_two_ranks", "scale_8b"]
+    assert gpu_check.main(["--cpu-smoke", "--out", str(out), *[a for c in checks for a in ("--only", c)]]) == 0
+    report = json.loads(out.read_text())
+    assert report["mode"].startswith("cpu smoke") and report["failed"] == {} and set(report["checks"]) == set(checks)
+    placements = report["checks"]["bf16_device_map"]
+    assert placements["status"] == "passed" and set(placements["max_abs_diff"].values()) == {0.0}
+    torchrun = report["checks"]["torchrun_two_ranks"]
+    assert torchrun["status"] == "passed" or torchrun["status"].startswith("not run: ")
+    if torchrun["status"] == "passed":
+        assert all(torchrun["byte_identical"].values()) and len(torchrun["byte_identical"]) == 5
+    scale = report["checks"]["scale_8b"]
+    assert scale["status"] == "measured" and scale["full_layers"] == 32
+    depths = scale["depths"]
+    for batch in gpu_check.SMOKE.batches:
+        rows = [scale["measured"][f"batch{batch}_depth{d}"] for d in depths]
+        # Every layer's candidates are scored at every position: 5 positions x depth.
+        assert [r["scoring"]["candidates"] for r in rows] == [5 * d for d in depths]
+        line = scale["extrapolated"][f"batch{batch}"]
+        per = [r["scoring"]["seconds_per_candidate"] for r in rows]
+        assert line["scoring_seconds_per_candidate"] == pytest.approx(
+            per[0] + (per[1] - per[0]) * (32 - depths[0]) / (depths[1] - depths[0]))
+        assert line["candidates"] == 5 * int(32 * 0.8)
+        assert line["projected_selection_seconds"] == pytest.approx(
+            line["filter_seconds"] + line["mean_activations_seconds"]
+            + line["candidates"] * line["scoring_seconds_per_candidate"])
+        assert all(r[step]["peak_gib"] is None for r in rows for step in ("scoring", "generation", "ce"))
+    assert scale["paper_budget"] == {"status": "not applicable: a CPU smoke run"}
+
+
+def test_bench_scale_smoke(tmp_path):
+    """The scale benchmark's code on a tiny checkpoint: the sizes it compares with are recomputed from the
+    files, every ratio from its parts, and a step it could not run says why."""
+    import bench_scale
+    from safetensors import safe_open
+
+    out = tmp_path / "scale.json"
+    report = bench_scale.main(["--shape", "tiny", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    files = list(Path(report["checkpoint"]).glob("*.safetensors"))
+    largest = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                largest = max(largest, math.prod(handle.get_slice(key).get_shape()))
+    sizes = report["sizes_on_disk"]
+    assert sizes["largest_tensor_fp32_bytes"] == 4 * largest
+    assert sizes["parameters"] == bench_scale.SHAPES["tiny"].params()
+    assert sizes["weights_bytes"] <= sum(f.stat().st_size for f in files)  # the files hold headers too
+    steps = report["steps"]
+    one = steps["extract_one_process"]
+    assert one["rc"] == 0 and one["threads"] == 1 and one["candidates_scored"] == 10  # 5 positions x layers 0-1
+    assert one["peak_rss_over_weights"] == pytest.approx(one["peak_rss_mb"] * 2**20 / sizes["weights_bytes"])
+    assert len(one["loadavg_before"]) == 3
+    two = steps["extract_two_processes"]
+    if "status" in two:
+        assert two["status"].startswith("not run: ")
+    else:
+        assert two["rc"] == 0 and two["vs_one_process"]["identical"]
+        assert two["selection_seconds_over_one_process"] == pytest.approx(
+            two["seconds"]["selection"] / one["seconds"]["selection"])
+    export = steps["export"]
+    assert export["rc"] == 0
+    assert export["streaming_rss_mb"] == pytest.approx(export["peak_rss_mb"] - export["baseline_rss_mb"])
+    verification = steps["verification"]  # one model at a time: the larger of the source and the export
+    if verification.get("rc") == 0:
+        one_model = max(sizes["weights_bytes"], verification["export_weights_bytes"])
+        assert verification["peak_rss_over_one_model"] == pytest.approx(verification["peak_rss_mb"] * 2**20 / one_model)
+        assert verification["verification"]["passed"]
+    for name, check in report["checks"].items():  # a measured value with its verdict, or why it is missing
+        assert ("met" in check and check["met"] == (check["value"] <= check["max"])) or \
+            check["status"].startswith(("not run", "failed")), name
+    attention = steps["attention"]
+    assert attention["status"] == "measured"
+    seconds = attention["median_seconds"]
+    assert attention["hf_sdpa_over_eager"] == pytest.approx(seconds["hf_sdpa"] / seconds["hf_eager"])
+    assert seconds["hf_sdpa_impl"] == "sdpa" and seconds["bridge_sdpa_impl_after_boot"] == "eager"
+
+
+def test_gpu_check_stops_a_check_at_its_budget_and_fails_it(tmp_path, monkeypatch):
+    import dataclasses
+
+    import gpu_check
+
+    # One second: the check's process is stopped while it imports; the report says so and the exit is 1.
+    monkeypatch.setattr(gpu_check, "SMOKE", dataclasses.replace(gpu_check.SMOKE, budgets={"scale_8b": 1}))
+    out = tmp_path / "budget.json"
+    assert gpu_check.main(["--cpu-smoke", "--only", "scale_8b", "--out", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["failed"] == {"scale_8b": "failed: stopped at its 1 s budget (partial results kept)"}
+    assert report["checks"]["scale_8b"]["budget_seconds"] == 1
