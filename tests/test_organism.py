@@ -324,8 +324,7 @@ def test_organism_command_on_cuda_without_a_gpu_is_one_line_and_writes_nothing(t
     out, cache = tmp_path / "organism", tmp_path / "cache"
     code, output = run_cli(["organism", "--out", str(out), "--cache-dir", str(cache), "--device", "cuda"])
     assert code == 1, output
-    assert output.strip().splitlines() == ["error: --device cuda: torch sees 0 GPU(s); build on the CPU with "
-                                           "--device cpu (or auto)"]
+    assert output.strip().splitlines() == ["error: --device cuda: torch sees 0 GPU(s); use --device cpu (or auto)"]
     assert not out.exists() and not cache.exists()
 
 

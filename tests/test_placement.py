@@ -102,12 +102,21 @@ def test_a_realized_map_that_spills_off_the_gpus_is_refused():
         check_realized_map({"model.layers.0": 0, "model.layers.1": "cpu"})
 
 
-def test_each_torchrun_rank_gets_its_own_replica():
+def test_each_torchrun_rank_gets_its_own_replica(monkeypatch):
     assert Placement().for_local_rank(3) == Placement()  # the CPU: shared by every rank
-    assert Placement(device="cuda").for_local_rank(2).device == "cuda:2"
+    assert Placement(device="auto").for_local_rank(1).device == "cpu"  # no GPU here
+    with pytest.raises(TlrefusalError, match="torch sees 0 GPU"):
+        Placement(device="cuda").for_local_rank(0)
+    monkeypatch.setattr("tlrefusal.model.gpu_count", lambda: 4)
+    assert [Placement(device="cuda").for_local_rank(k).device for k in range(6)] == \
+        ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]  # more ranks than GPUs: shared in turn
+    assert Placement(device="cuda:3").for_local_rank(1).device == "cuda:3"  # one GPU named: every rank on it
+    assert Placement(device="cuda").for_local_rank(2).first_gpu() == 2
+    assert Placement().first_gpu() is None
     split = Placement(device_map="balanced", max_memory="0=10GiB,1=20GiB", gpus_per_replica=2)
     assert split.for_local_rank(1).memory_budget() == {2: "10GiB", 3: "20GiB"}
     assert split.for_local_rank(0).memory_budget() == {0: "10GiB", 1: "20GiB"}
+    assert split.for_local_rank(1).first_gpu() == 2
     with pytest.raises(TlrefusalError, match="device map"):
         Placement(device="cuda", gpus_per_replica=2).for_local_rank(0)
 

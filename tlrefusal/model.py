@@ -174,14 +174,21 @@ def resolve_dtype(source: ModelSource, dtype: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> cuda if torch sees a GPU, else cpu; anything else is checked by torch."""
+    """"auto" -> cuda if torch sees a GPU, else cpu; anything else is checked by torch, and a GPU must be one
+    torch sees (a one-line error before anything loads, not a CUDA error after)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        where = torch.device(device)
     except RuntimeError as exc:
         raise TlrefusalError(f"unknown device '{device}' ({DEVICE_HELP})") from exc
+    if where.type == "cuda" and (where.index or 0) >= gpu_count():
+        raise TlrefusalError(f"--device {device}: torch sees {gpu_count()} GPU(s); use --device cpu (or auto)")
     return device
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def prepare_tokenizer(tokenizer) -> None:

@@ -211,9 +211,9 @@ def _inputs(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force:
 def _load(config: ExtractConfig, inputs: _Inputs, world: distributed.World, progress: Progress
           ) -> tuple[LoadedModel, ChatFormat, list[int]]:
     placement = config.placement if world.size == 1 else config.placement.for_local_rank(world.local_rank)
-    if world.size > 1 and torch.cuda.is_available() and (placement.dispatched or placement.device.startswith("cuda")):
+    if world.size > 1 and (gpu := placement.first_gpu()) is not None:
         # The replica's first GPU becomes this process's default, so no rank opens a CUDA context on GPU 0.
-        torch.cuda.set_device(world.local_rank * config.gpus_per_replica)
+        torch.cuda.set_device(gpu)
     model = load_model(inputs.source, placement, config.trust_remote_code, progress)
     chat = ChatFormat.from_tokenizer(model.tokenizer, inputs.template)
     return model, chat, _refusal_ids(config, chat, model.model_type)

@@ -83,19 +83,24 @@ class Placement:
     def for_local_rank(self, local_rank: int) -> "Placement":
         """The placement of one replica under torchrun: rank k takes GPUs k*K .. k*K+K-1 (K = gpus_per_replica).
 
-        On the CPU (device cpu, no map) every rank shares the machine's memory. One GPU per replica: the
-        replica's device is cuda:k. Several: the named map strategy spreads the replica over its own GPUs only
+        On the CPU (device cpu, no map) every rank shares the machine's memory. One GPU per replica (device
+        cuda or auto): the replica's device is cuda:k, round-robin when there are more ranks than GPUs (a GPU
+        given by index, cuda:N, holds every replica). Several: the named map strategy spreads the replica over
+        its own GPUs only
         (accelerate places modules on the devices the budget names; a budget given per GPU index 0..K-1
         applies to each replica's own GPUs in the same order).
         """
+        from tlrefusal.model import gpu_count, resolve_device
+
         k = self.gpus_per_replica
-        if self.device in ("cpu",) and not self.dispatched:
-            return self
         if not self.dispatched:
             if k > 1:
                 raise TlrefusalError("--gpus-per-replica above 1 splits each replica with a device map: give "
                                      "--device-map balanced (or auto, sequential)")
-            return replace(self, device=f"cuda:{local_rank}")
+            device = resolve_device(self.device)
+            if device != "cuda":  # the CPU (shared by every rank), or one GPU named by index (shared too)
+                return replace(self, device=device)
+            return replace(self, device=f"cuda:{local_rank % gpu_count()}")  # more ranks than GPUs: they share
         if self.device_map not in DEVICE_MAP_NAMES:
             raise TlrefusalError("under torchrun, give a named --device-map (auto, balanced, sequential), not a "
                                  "file: each replica's map is made for its own GPUs")
@@ -103,6 +108,13 @@ class Placement:
         gpus = range(local_rank * k, local_rank * k + k)
         budget = {gpu: given[i] if i in given else _gpu_memory(gpu) for i, gpu in enumerate(gpus)}
         return replace(self, max_memory=",".join(f"{gpu}={amount}" for gpu, amount in budget.items()))
+
+    def first_gpu(self) -> int | None:
+        """The GPU index the model's inputs start on (a process's default CUDA device), None off the GPU."""
+        if self.dispatched:
+            gpus = sorted(k for k in self.memory_budget() if isinstance(k, int))
+            return gpus[0] if gpus else None
+        return int(self.device.partition(":")[2] or 0) if self.device.startswith("cuda") else None
 
     def load_kwargs(self) -> dict:
         """`from_pretrained` arguments for the placement, dtype aside (see `model.load_model`)."""
