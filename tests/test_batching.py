@@ -56,5 +56,45 @@ def test_parse(value, expected):
 
 @pytest.mark.parametrize("value", ["0", "-2", "big"])
 def test_parse_refuses(value):
-    with pytest.raises(TlrefusalError, match="batch size"):
+    with pytest.raises(TlrefusalError, match="batch_size"):
         parse_batch_size(value)
+
+
+def test_extract_with_auto_batches_records_the_size_that_fit_and_scores_as_that_size(tmp_path, tiny_dirs,
+                                                                                     monkeypatch):
+    """A model that runs out of memory on batches above 4 prompts: `auto` ends at 4 in every step, records it,
+    and scores every candidate exactly as a run given --batch-size 4."""
+    from tlrefusal import artifacts
+    from tlrefusal import pipeline as pipeline_module
+    from tlrefusal.pipeline import ExtractConfig, run_extract
+    from tlrefusal.selection import SelectionConfig
+
+    widest = []
+
+    def small_memory(model):
+        def refuse_wide(module, args):
+            widest.append(args[0].shape[0])
+            if args[0].shape[0] > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        model.bridge.original_model.get_input_embeddings().register_forward_pre_hook(refuse_wide)
+        return model
+
+    load = pipeline_module.load_model
+    monkeypatch.setattr(pipeline_module, "load_model", lambda *a, **k: small_memory(load(*a, **k)))
+
+    def extract(batch_size, out):
+        config = ExtractConfig(model=str(tiny_dirs["llama"]), n_train=8, n_val=4, filter=False, min_kept=1,
+                               refusal_token_ids=(5, 7),
+                               selection=SelectionConfig(batch_size=batch_size, kl_threshold=1e9,
+                                                         induce_threshold=-1e9))
+        run_extract(config, tmp_path / out)
+        return tmp_path / out
+
+    auto = extract("auto", "auto")
+    assert artifacts.read_json(auto / artifacts.MANIFEST)["batch_sizes"] == {"filter": 4, "candidates": 4,
+                                                                            "selection": 4}
+    assert max(widest) == 8  # auto tried wider batches first (8 prompts per train split, 4 + 4 val)
+    fixed = extract(4, "fixed")
+    candidates = [artifacts.read_json(run / artifacts.SELECTION)["candidates"] for run in (auto, fixed)]
+    assert candidates[0] == candidates[1]
+    assert (auto / artifacts.CANDIDATES).read_bytes() == (fixed / artifacts.CANDIDATES).read_bytes()

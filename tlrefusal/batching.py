@@ -22,9 +22,9 @@ def parse_batch_size(value: str | int) -> int | str:
     try:
         size = int(value)
     except (TypeError, ValueError):
-        raise TlrefusalError(f"batch size must be a positive number or 'auto', got {value!r}") from None
+        raise TlrefusalError(f"batch_size must be a positive number or 'auto', got {value!r}") from None
     if size < 1:
-        raise TlrefusalError(f"batch size must be at least 1, got {size}")
+        raise TlrefusalError(f"batch_size must be at least 1, got {size}")
     return size
 
 

@@ -5,6 +5,7 @@ artifact already exists for the same config, so an interrupted run resumes where
 long step, also journals every candidate's scores as they are made (`tlrefusal.journal`) and resumes
 mid-way. Under torchrun the candidates are scored by several processes (`tlrefusal.distributed`).
 """
+import dataclasses
 import math
 import platform
 import shutil
@@ -16,6 +17,7 @@ import torch
 
 from tlrefusal import __version__, artifacts, distributed
 from tlrefusal.activations import candidate_directions, last_logits, mean_activations
+from tlrefusal.batching import run_batched
 from tlrefusal.chat import ChatFormat, refusal_phrases_for
 from tlrefusal.chat_templates import ChatTemplate, paper_format_for, resolve_template
 from tlrefusal.data import POOLS, Prompt, Splits, load_pools, prompts_hash, sample_splits
@@ -163,17 +165,18 @@ class _Prepared:
 def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, progress: Progress,
              world: distributed.World) -> ExtractResult:
     seconds, started = {}, time.perf_counter()
+    batch_sizes: dict[str, int] = {}  # the size each step ran at (--batch-size auto halves on out-of-memory)
     inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress))
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
     model, chat, refusal_ids = distributed.everywhere(world, lambda: _load(config, inputs, world, progress))
     seconds["load_model"] = time.perf_counter() - t
     prepared = distributed.on_main(world, lambda: _prepare(run_dir, config, inputs, model, chat, refusal_ids,
-                                                           seconds, world, progress))
+                                                           seconds, batch_sizes, world, progress))
     t = time.perf_counter()
     selection = prepared.selection
     if selection is None:
-        selection = _select(run_dir, model, chat, prepared, refusal_ids, config, world, progress)
+        selection = _select(run_dir, model, chat, prepared, refusal_ids, config, batch_sizes, world, progress)
     seconds["selection"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 
@@ -184,7 +187,8 @@ def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force
                                                selection.chosen.layer, selection.chosen.position,
                                                inputs.source.spec)
     if world.is_main:
-        _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world)
+        _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world,
+                        batch_sizes)
         if direction is not None:
             direction.save(run_dir / artifacts.DIRECTION)
     return ExtractResult(run_dir=run_dir, **_prompt_stats(prepared.saved), selection=selection, direction=direction,
@@ -220,18 +224,19 @@ def _load(config: ExtractConfig, inputs: _Inputs, world: distributed.World, prog
 
 
 def _prepare(run_dir: Path, config: ExtractConfig, inputs: _Inputs, model: LoadedModel, chat: ChatFormat,
-             refusal_ids: list[int], seconds: dict[str, float], world: distributed.World, progress: Progress
-             ) -> _Prepared:
+             refusal_ids: list[int], seconds: dict[str, float], batch_sizes: dict[str, int],
+             world: distributed.World, progress: Progress) -> _Prepared:
     """(Rank 0) claim the run folder, then filter and compute the candidates, or read them back."""
     if inputs.replace:
         _clear(run_dir)
     artifacts.write_json(run_dir / artifacts.CONFIG, inputs.identity)
     _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world)
     t = time.perf_counter()
-    splits, saved = _sample_and_filter(run_dir, config, inputs.sampled, model, chat, refusal_ids, progress)
+    splits, saved = _sample_and_filter(run_dir, config, inputs.sampled, model, chat, refusal_ids, batch_sizes,
+                                       progress)
     seconds["filter"] = time.perf_counter() - t
     t = time.perf_counter()
-    directions = _candidates(run_dir, model, chat, splits, config, progress)
+    directions = _candidates(run_dir, model, chat, splits, config, batch_sizes, progress)
     seconds["candidates"] = time.perf_counter() - t
     path = run_dir / artifacts.SELECTION
     selection = SelectionResult.from_json(artifacts.read_json(path)) if path.is_file() else None
@@ -321,7 +326,8 @@ def _refusal_ids(config: ExtractConfig, chat: ChatFormat, model_type: str) -> li
 
 
 def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, chat: ChatFormat,
-                    refusal_ids, pools, seconds, world: distributed.World) -> None:
+                    refusal_ids, pools, seconds, world: distributed.World,
+                    batch_sizes: dict[str, int] | None = None) -> None:
     from importlib.metadata import version
 
     artifacts.write_json(run_dir / artifacts.MANIFEST, {
@@ -338,11 +344,13 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
         "data": {name: {"source": getattr(config, name, None) or name, "n": len(p), "sha256": prompts_hash(p)}
                  for name, p in pools.items()},
         "seconds": seconds,
+        # The batch size each step that ran in this invocation used (rank 0's): --batch-size, or what auto found.
+        "batch_sizes": batch_sizes or {},
     })
 
 
-def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, chat, refusal_ids, progress
-                       ) -> tuple[Splits, dict[str, list[dict]]]:
+def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, chat, refusal_ids,
+                       batch_sizes: dict[str, int], progress) -> tuple[Splits, dict[str, list[dict]]]:
     """Score each sampled prompt's baseline refusal log-odds, keep per the paper's filter; returns the kept
     splits and prompts.json's rows."""
     path = run_dir / artifacts.PROMPTS
@@ -352,14 +360,18 @@ def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, c
         total = sum(len(v) for _, v in sampled.items())
         saved = {}
         with progress.task("Scoring baseline refusal of sampled prompts", total=total) as advance:
-            for name, prompts in sampled.items():
-                logits = last_logits(model, chat, [p.instruction for p in prompts],
-                                     batch_size=config.selection.batch_size, advance=advance)
-                scores = refusal_log_odds(logits, refusal_ids).tolist()
-                harmful = name.startswith("harmful")
-                saved[name] = [{**p.to_json(), "refusal_log_odds": s,
-                                "kept": (not config.filter) or (s > 0 if harmful else s < 0)}
-                               for p, s in zip(prompts, scores, strict=True)]
+            def score(size: int) -> dict[str, list[float]]:
+                return {name: refusal_log_odds(last_logits(model, chat, [p.instruction for p in prompts],
+                                                           batch_size=size, advance=advance), refusal_ids).tolist()
+                        for name, prompts in sampled.items()}
+
+            by_split, batch_sizes["filter"] = run_batched(score, config.selection.batch_size,
+                                                          max(len(v) for _, v in sampled.items()))
+        for name, prompts in sampled.items():
+            harmful = name.startswith("harmful")
+            saved[name] = [{**p.to_json(), "refusal_log_odds": s,
+                            "kept": (not config.filter) or (s > 0 if harmful else s < 0)}
+                           for p, s in zip(prompts, by_split[name], strict=True)]
         artifacts.write_json(path, saved)
     splits = Splits(**{name: [Prompt(r["instruction"], r["category"]) for r in rows if r["kept"]]
                        for name, rows in saved.items()})
@@ -374,16 +386,19 @@ def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, c
     return splits, saved
 
 
-def _candidates(run_dir, model, chat, splits: Splits, config: ExtractConfig, progress) -> torch.Tensor:
+def _candidates(run_dir, model, chat, splits: Splits, config: ExtractConfig, batch_sizes: dict[str, int], progress
+                ) -> torch.Tensor:
     path = run_dir / artifacts.CANDIDATES
     if path.is_file():
         return artifacts.read_tensors(path)["candidates"]
-    means = {}
     total = len(splits.harmful_train) + len(splits.harmless_train)
     with progress.task("Caching mean activations (harmful and harmless train)", total=total) as advance:
-        for label in ("harmful", "harmless"):
-            prompts = [p.instruction for p in getattr(splits, f"{label}_train")]
-            means[label] = mean_activations(model, chat, prompts, config.selection.batch_size, advance)
+        def cache(size: int) -> dict[str, torch.Tensor]:
+            return {label: mean_activations(model, chat, [p.instruction for p in getattr(splits, f"{label}_train")],
+                                            size, advance) for label in ("harmful", "harmless")}
+
+        means, batch_sizes["candidates"] = run_batched(cache, config.selection.batch_size,
+                                                       max(len(splits.harmful_train), len(splits.harmless_train)))
     artifacts.write_tensors(run_dir / artifacts.MEANS, {"harmful_mean": means["harmful"],
                                                          "harmless_mean": means["harmless"]},
                             {"positions": ",".join(map(str, chat.positions))})
@@ -393,7 +408,8 @@ def _candidates(run_dir, model, chat, splits: Splits, config: ExtractConfig, pro
 
 
 def _select(run_dir: Path, model: LoadedModel, chat: ChatFormat, prepared: _Prepared, refusal_ids: list[int],
-            config: ExtractConfig, world: distributed.World, progress: Progress) -> SelectionResult:
+            config: ExtractConfig, batch_sizes: dict[str, int], world: distributed.World, progress: Progress
+            ) -> SelectionResult:
     """Score the candidates the journal lacks, dealt out to the ranks; every rank chooses, rank 0 writes.
 
     Same scores, whichever rank scores a candidate: each is scored with the same batches as in one
@@ -415,11 +431,21 @@ def _select(run_dir: Path, model: LoadedModel, chat: ChatFormat, prepared: _Prep
         [f"{len(mine)} of {len(todo)} in this process"] if world.size > 1 else [])
     description = "Scoring candidate directions" + (f" ({'; '.join(notes)})" if notes else "")
 
+    harmful_val = [p.instruction for p in prepared.splits.harmful_val]
+    harmless_val = [p.instruction for p in prepared.splits.harmless_val]
+
     def score() -> list[CandidateScore]:
-        with JournalWriter(journal_file(folder, world.rank), prepared.journal_key) as journal:
-            return score_keys(model, chat, prepared.directions, [p.instruction for p in prepared.splits.harmful_val],
-                              [p.instruction for p in prepared.splits.harmless_val], refusal_ids, config.selection,
-                              mine, progress, on_scored=journal.append, description=description)
+        # "auto": a candidate that runs out of memory starts this rank's share again at half the size (the
+        # candidates journaled before it keep their scores; a re-run at the recorded size reproduces them).
+        def at(size: int) -> list[CandidateScore]:
+            with JournalWriter(journal_file(folder, world.rank), prepared.journal_key) as journal:
+                return score_keys(model, chat, prepared.directions, harmful_val, harmless_val, refusal_ids,
+                                  dataclasses.replace(config.selection, batch_size=size), mine, progress,
+                                  on_scored=journal.append, description=description)
+
+        scores, batch_sizes["selection"] = run_batched(at, config.selection.batch_size,
+                                                       len(harmful_val) + len(harmless_val))
+        return scores
 
     for part in distributed.all_gather(world, distributed.everywhere(world, score)):
         done.update({(s.position, s.layer): s for s in part})

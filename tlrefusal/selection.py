@@ -17,6 +17,7 @@ from torch import Tensor
 
 from hooks import ablation_hooks, addition_hooks
 from tlrefusal.activations import last_logits
+from tlrefusal.batching import parse_batch_size
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel
@@ -30,15 +31,14 @@ class SelectionConfig:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     prune_layer_fraction: float = 0.2
-    batch_size: int = 32
+    batch_size: int | str = 32  # or "auto" (`tlrefusal.batching`): each step records the size it ran at
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.prune_layer_fraction < 1.0:
             raise TlrefusalError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
         if self.kl_threshold < 0:
             raise TlrefusalError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
-        if self.batch_size < 1:
-            raise TlrefusalError(f"batch_size must be >= 1, got {self.batch_size}")
+        parse_batch_size(self.batch_size)
 
     def first_pruned_layer(self, n_layers: int) -> int:
         """Layers at or above this index are discarded: int(L * (1 - fraction))."""
@@ -187,7 +187,7 @@ def score_keys(
     scores: list[CandidateScore] = []
     if not keys:
         return scores
-    bs = config.batch_size
+    bs = int(config.batch_size)  # a number here: `pipeline` resolves "auto"
     base_harmless = last_logits(model, chat, harmless_val, batch_size=bs)
     with progress.task(description, total=len(keys)) as advance:
         for position, layer in keys:

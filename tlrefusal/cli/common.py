@@ -27,7 +27,7 @@ from typer.exceptions import TyperException
 
 from tlrefusal import __version__
 from tlrefusal.assets import model_names
-from tlrefusal.batching import is_out_of_memory
+from tlrefusal.batching import is_out_of_memory, parse_batch_size
 from tlrefusal.cli.render import out
 from tlrefusal.errors import TlrefusalError, first_line
 from tlrefusal.precision import DTYPE_CHOICES
@@ -168,6 +168,19 @@ NTrain = Annotated[int, typer.Option(help="Training prompts per label (paper: 12
 NVal = Annotated[int, typer.Option(help="Validation prompts per label (paper: 32).", rich_help_panel=DATA_PANEL)]
 BatchSize = Annotated[int, typer.Option(help="Prompts per forward pass; lower it if memory runs out.",
                                         rich_help_panel=SELECTION_PANEL)]
+
+
+def _batch_size(value: str) -> int | str:
+    try:
+        return parse_batch_size(value)
+    except TlrefusalError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+AutoBatchSize = Annotated[str, typer.Option(
+    metavar="N|auto", callback=_batch_size, rich_help_panel=SELECTION_PANEL,
+    help="Prompts per forward pass, or auto: from 256 down, halving on out-of-memory (manifest.json records "
+         "the size each step ran at; give that size to reproduce a run bit for bit).")]
 Layer = Annotated[int | None, typer.Option(help="Use the run's scored candidate at this layer (with --position) "
                                                 "instead of the chosen direction.", rich_help_panel=SELECTION_PANEL)]
 Position = Annotated[int | None, typer.Option(help="Post-instruction position of that candidate (-1 = last).",
