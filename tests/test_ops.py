@@ -68,13 +68,14 @@ def test_hook_returns_new_tensor_and_leaves_input_alone():
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("block_bytes", [None, 2 * 6 * 4])  # whole, or two float32 rows of d_model 6 a block
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_orthogonalize_tensor_is_project_out_along_the_axis(axis, dtype):
+def test_orthogonalize_tensor_is_project_out_along_the_axis(axis, dtype, block_bytes):
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn((6, 5) if axis == 0 else (5, 6), generator=gen) * 2).to(dtype)  # d_model = 6 on `axis`
     r_hat = unit(torch.randn(6, generator=gen, dtype=torch.float64))
-    out = orthogonalize_tensor(w, r_hat, axis)
+    out = orthogonalize_tensor(w, r_hat, axis, **({} if block_bytes is None else {"block_bytes": block_bytes}))
     w64, r = w.double(), r_hat
     expected = w64 - torch.outer(r, r @ w64) if axis == 0 else w64 - torch.outer(w64 @ r, r)
     assert out.dtype == dtype and out.is_contiguous()

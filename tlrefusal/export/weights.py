@@ -64,12 +64,17 @@ class WeightPlan:
         return not self.post_norms
 
 
-def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], axis: int) -> Tensor:
+EDIT_BLOCK_BYTES = 64 * 2**20  # float32 rows edited at a time
+
+
+def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], axis: int,
+                         block_bytes: int = EDIT_BLOCK_BYTES) -> Tensor:
     """W' = W - r_hat r_hat^T W along `axis` (the d_model axis), computed in >= float32, cast back.
 
     `unit_dir` must already be normalised. A bias (1-D, axis 0) becomes b - (b . r_hat) r_hat. A matrix is
-    edited in place in one float32 copy, with no second matrix-sized temporary: the export's peak memory is
-    about twice its largest tensor.
+    edited a block of rows at a time (each row's own projection, so blocks do not change the result) into
+    an output of its own dtype: memory is the tensor, its edited copy and one float32 block, so a bfloat16
+    model's export peaks near its largest tensor in float32, not twice that.
     """
     if weight.ndim not in (1, 2) or weight.shape[axis] != unit_dir.shape[0]:
         raise ValueError(f"axis {axis} of a {tuple(weight.shape)} tensor is not d_model={unit_dir.shape[0]}")
@@ -77,9 +82,14 @@ def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], ax
     unit_dir = unit_dir.to(dtype)
     if weight.ndim == 1:
         return project_out(weight.to(dtype), unit_dir).to(weight.dtype)
-    rows = weight.to(dtype, copy=True).movedim(axis, -1)  # [n, d_model], a view of the fresh copy
-    rows.addr_(rows @ unit_dir, unit_dir, alpha=-1)  # rows -= (rows . r_hat) r_hat^T, i.e. project_out per row
-    return rows.movedim(-1, axis).to(weight.dtype).contiguous()
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    rows, out_rows = weight.movedim(axis, -1), out.movedim(axis, -1)  # [n, d_model] views
+    step = max(1, block_bytes // (rows.shape[-1] * torch.empty((), dtype=dtype).element_size()))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start:start + step].to(dtype, copy=True)
+        block.addr_(block @ unit_dir, unit_dir, alpha=-1)  # block -= (block . r_hat) r_hat^T: project_out per row
+        out_rows[start:start + step] = block
+    return out
 
 
 def weight_plan(folder: Path, checkpoint_keys: set[str], trust_remote_code: bool = False,
