@@ -65,6 +65,7 @@ def test_one_process_uses_no_process_group():
 
 COLLECTIVES = textwrap.dedent("""
     import json, sys
+    from pathlib import Path
     from tlrefusal import distributed
     from tlrefusal.errors import TlrefusalError
 
@@ -98,7 +99,8 @@ COLLECTIVES = textwrap.dedent("""
             "unexpected": outcome(lambda: distributed.on_main(world, unexpected)),
             "after": distributed.all_gather(world, "still in step"),
         }
-    print(json.dumps([world.rank, result]), flush=True)
+    # One file per rank: lines that three processes print to one pipe can interleave.
+    (Path(sys.argv[1]) / f"rank{world.rank}.json").write_text(json.dumps(result))
 """)
 
 
@@ -109,10 +111,10 @@ def test_a_failure_on_any_rank_stops_every_rank_and_is_printed_once(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           str(script)], cwd=runs.REPO, env=runs.environment(), capture_output=True, text=True,
-                          timeout=120)
+                           str(script), str(tmp_path)], cwd=runs.REPO, env=runs.environment(), capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    by_rank = dict(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
+    by_rank = {int(path.stem.removeprefix("rank")): json.loads(path.read_text()) for path in tmp_path.glob("rank*.json")}
     assert sorted(by_rank) == [0, 1, 2]
     for rank, result in by_rank.items():
         assert result["share"] == [[0, 3], [1, 4], [2]]
