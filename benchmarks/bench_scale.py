@@ -257,8 +257,8 @@ def verify_modes() -> str | None:
 def verification_step(tmp: Path, mode: str, flags: list[str], weights_bytes: int, missing_modes: str | None) -> dict:
     """`tlrefusal orthogonalize` with one verification mode: peak RSS against one model, and its record.
 
-    Verification holds one model at a time: the source (under hooks), then the export, which is the larger
-    when the export unties a tied embedding (the default). "One model" is the larger of the two."""
+    Verification holds one model at a time: the export (plain transformers), then the source (under hooks);
+    the export is the larger when it unties a tied embedding (the default). "One model" is the larger."""
     from tlrefusal import artifacts
 
     out = tmp / f"export_{mode.replace(':', '')}"

@@ -98,3 +98,43 @@ def test_extract_with_auto_batches_records_the_size_that_fit_and_scores_as_that_
     candidates = [artifacts.read_json(run / artifacts.SELECTION)["candidates"] for run in (auto, fixed)]
     assert candidates[0] == candidates[1]
     assert (auto / artifacts.CANDIDATES).read_bytes() == (fixed / artifacts.CANDIDATES).read_bytes()
+
+
+def test_auto_retry_mid_selection_keeps_what_was_journaled(tmp_path, tiny_dirs, monkeypatch):
+    """Out of memory at the third candidate: the rest of the share is scored at half the size, the two already
+    journaled are not scored again, and selection.json holds exactly the journaled scores."""
+    import json
+
+    from tlrefusal import artifacts
+    from tlrefusal import pipeline as pipeline_module
+    from tlrefusal.pipeline import ExtractConfig, run_extract
+    from tlrefusal.selection import SelectionConfig, score_keys
+
+    calls = {"candidates": 0}
+
+    def counting_score_keys(*args, **kwargs):
+        on_scored = kwargs["on_scored"]
+
+        def counted(score):
+            calls["candidates"] += 1
+            on_scored(score)
+            if calls["candidates"] == 2 and args[6].batch_size > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return score_keys(*args, **{**kwargs, "on_scored": counted})
+
+    monkeypatch.setattr(pipeline_module, "score_keys", counting_score_keys)
+    config = ExtractConfig(model=str(tiny_dirs["llama"]), n_train=4, n_val=4, filter=False, min_kept=1,
+                           refusal_token_ids=(5, 7),
+                           selection=SelectionConfig(batch_size="auto", kl_threshold=1e9, induce_threshold=-1e9))
+    run = tmp_path / "run"
+    run_extract(config, run)
+    lines = [json.loads(line) for path in (run / artifacts.SELECTION_JOURNAL).glob("*.jsonl")
+             for line in path.read_text().splitlines()]
+    keys = [(r["position"], r["layer"]) for r in lines]
+    assert len(keys) == len(set(keys))  # nothing journaled twice
+    selection = artifacts.read_json(run / artifacts.SELECTION)
+    scored = {(c["position"], c["layer"]): c for c in selection["candidates"] if c["bypass_score"] is not None}
+    assert set(scored) == set(keys)
+    for r in lines:
+        assert scored[(r["position"], r["layer"])]["bypass_score"] == r["bypass_score"]
+    assert artifacts.read_json(run / artifacts.MANIFEST)["batch_sizes"]["selection"] == 4  # 8 val prompts, halved

@@ -119,11 +119,15 @@ def test_each_torchrun_rank_gets_its_own_replica(monkeypatch):
     assert split.for_local_rank(1).first_gpu() == 2
     with pytest.raises(TlrefusalError, match="device map"):
         Placement(device="cuda", gpus_per_replica=2).for_local_rank(0)
+    for budget in ("0=10GiB,2=10GiB", "5=1GiB"):  # not the replica's own GPUs 0..K-1
+        with pytest.raises(TlrefusalError, match="each replica's own GPUs"):
+            Placement(device_map="balanced", max_memory=budget, gpus_per_replica=2).for_local_rank(1)
 
 
 def test_placement_record_names_only_what_differs_from_a_plain_load():
     assert Placement().to_json() == {"device": "cpu", "dtype": "float32"}
     assert Placement(quantize="nf4").to_json() == {"device": "cpu", "dtype": "float32", "quantize": "nf4"}
+    assert Placement(device_map="auto").to_json() == {"dtype": "float32", "device_map": "auto"}  # no unused device
 
 
 def test_cli_refuses_a_mixed_map_before_making_the_run_folder(tmp_path, tiny_dirs):

@@ -4,7 +4,6 @@ A step given `auto` runs whole at one batch size: when a batch runs out of memor
 half the size, so every prompt of a step shares one batching and a re-run at the recorded size computes the
 same numbers. The size a step ran at is what a manifest or report records.
 """
-import gc
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -41,6 +40,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def run_batched(step: Callable[[int], T], batch_size: int | str, n_items: int) -> tuple[T, int]:
     """`step(size)` at `batch_size`, or for "auto" at the largest size from AUTO_START down (halving) that does
     not run out of memory; returns the result and the size it ran at. A fixed size is never retried."""
+    from tlrefusal.model import release_memory
+
     if batch_size != AUTO:
         return step(int(batch_size)), int(batch_size)
     size = max(1, min(AUTO_START, n_items))
@@ -50,13 +51,5 @@ def run_batched(step: Callable[[int], T], batch_size: int | str, n_items: int) -
         except Exception as exc:
             if not is_out_of_memory(exc) or size == 1:
                 raise
-        _free_memory()
+        release_memory()
         size //= 2
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -187,6 +187,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def release_memory() -> None:
+    """Give a freed model's memory back before the next one loads: collect reference cycles (a model's modules
+    hold some) and hand cached CUDA blocks back."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 

@@ -165,7 +165,7 @@ class _Prepared:
 def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, progress: Progress,
              world: distributed.World) -> ExtractResult:
     seconds, started = {}, time.perf_counter()
-    batch_sizes: dict[str, int] = {}  # the size each step ran at (--batch-size auto halves on out-of-memory)
+    batch_sizes: dict[str, int | list[int]] = {}  # the size each step ran at (--batch-size auto halves on out-of-memory)
     inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress))
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
@@ -344,9 +344,15 @@ def _write_manifest(run_dir, config, source: ModelSource, model: LoadedModel, ch
         "data": {name: {"source": getattr(config, name, None) or name, "n": len(p), "sha256": prompts_hash(p)}
                  for name, p in pools.items()},
         "seconds": seconds,
-        # The batch size each step that ran in this invocation used (rank 0's): --batch-size, or what auto found.
-        "batch_sizes": batch_sizes or {},
+        # The batch size each step ran at (--batch-size, or what auto found), kept from earlier invocations of
+        # a resumed run for the steps this one did not run.
+        "batch_sizes": {**_previous_batch_sizes(run_dir), **(batch_sizes or {})},
     })
+
+
+def _previous_batch_sizes(run_dir: Path) -> dict:
+    path = run_dir / artifacts.MANIFEST
+    return artifacts.read_json(path).get("batch_sizes", {}) if path.is_file() else {}
 
 
 def _sample_and_filter(run_dir, config: ExtractConfig, sampled: Splits, model, chat, refusal_ids,
@@ -434,21 +440,35 @@ def _select(run_dir: Path, model: LoadedModel, chat: ChatFormat, prepared: _Prep
     harmful_val = [p.instruction for p in prepared.splits.harmful_val]
     harmless_val = [p.instruction for p in prepared.splits.harmless_val]
 
-    def score() -> list[CandidateScore]:
-        # "auto": a candidate that runs out of memory starts this rank's share again at half the size (the
-        # candidates journaled before it keep their scores; a re-run at the recorded size reproduces them).
-        def at(size: int) -> list[CandidateScore]:
+    def score() -> tuple[list[CandidateScore], int | None]:
+        # "auto": a candidate that runs out of memory starts the rest of this rank's share again at half the
+        # size; the candidates already journaled keep the scores they were journaled with.
+        scored: dict[Key, CandidateScore] = {}
+
+        def at(size: int) -> None:
             with JournalWriter(journal_file(folder, world.rank), prepared.journal_key) as journal:
-                return score_keys(model, chat, prepared.directions, harmful_val, harmless_val, refusal_ids,
-                                  dataclasses.replace(config.selection, batch_size=size), mine, progress,
-                                  on_scored=journal.append, description=description)
+                def record(score: CandidateScore) -> None:
+                    journal.append(score)
+                    scored[(score.position, score.layer)] = score
 
-        scores, batch_sizes["selection"] = run_batched(at, config.selection.batch_size,
-                                                       len(harmful_val) + len(harmless_val))
-        return scores
+                score_keys(model, chat, prepared.directions, harmful_val, harmless_val, refusal_ids,
+                           dataclasses.replace(config.selection, batch_size=size),
+                           [key for key in mine if key not in scored], progress, on_scored=record,
+                           description=description)
 
-    for part in distributed.all_gather(world, distributed.everywhere(world, score)):
+        if not mine:
+            return [], None
+        _, size = run_batched(at, config.selection.batch_size, len(harmful_val) + len(harmless_val))
+        return [scored[key] for key in mine], size
+
+    sizes = []
+    for part, size in distributed.all_gather(world, distributed.everywhere(world, score)):
         done.update({(s.position, s.layer): s for s in part})
+        sizes.append(size)
+    ran = sorted({size for size in sizes if size is not None})
+    if ran:  # one size, or each rank's when --batch-size auto landed on different ones
+        batch_sizes["selection"] = ran[0] if len(ran) == 1 else [size for size in sizes if size is not None]
+
     table = candidate_table(chat.positions, model.n_layers, [done[key] for key in keys])
     result = choose(table, model.n_layers, config.selection)
     if world.is_main:

@@ -105,6 +105,10 @@ class Placement:
             raise TlrefusalError("under torchrun, give a named --device-map (auto, balanced, sequential), not a "
                                  "file: each replica's map is made for its own GPUs")
         given = self.memory_budget()
+        foreign = sorted(str(key) for key in given if not (isinstance(key, int) and key < k))
+        if foreign:
+            raise TlrefusalError(f"under torchrun, --max-memory budgets each replica's own GPUs by index 0..{k - 1}; "
+                                 f"{', '.join(foreign)} is not one of them")
         gpus = range(local_rank * k, local_rank * k + k)
         budget = {gpu: given[i] if i in given else _gpu_memory(gpu) for i, gpu in enumerate(gpus)}
         return replace(self, max_memory=",".join(f"{gpu}={amount}" for gpu, amount in budget.items()))
@@ -133,6 +137,8 @@ class Placement:
     def to_json(self) -> dict:
         """The fields that differ from a plain one-device load (a manifest's and a config's record)."""
         data = asdict(self)
+        if self.dispatched:  # the map places the model; --device is not used
+            del data["device"]
         return {k: v for k, v in data.items()
                 if k in ("device", "dtype") or v != Placement.__dataclass_fields__[k].default}
 
@@ -171,13 +177,15 @@ def check_realized_map(hf_device_map: dict | None) -> None:
 
 
 def _gpu_memory(index: int) -> str:
-    """A GPU's whole memory, as a --max-memory amount (a replica's share when the user gave none)."""
+    """90% of a GPU's memory, as a --max-memory amount (a replica's share when the user gave none): the rest
+    is left for activations, as accelerate's own default leaves some."""
     import torch
 
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise TlrefusalError(f"--gpus-per-replica needs GPU {index}, and torch sees "
-                             f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s)")
-    return f"{torch.cuda.get_device_properties(index).total_memory // 2**20}MiB"
+    from tlrefusal.model import gpu_count
+
+    if index >= gpu_count():
+        raise TlrefusalError(f"--gpus-per-replica needs GPU {index}, and torch sees {gpu_count()} GPU(s)")
+    return f"{torch.cuda.get_device_properties(index).total_memory * 9 // 10 // 2**20}MiB"
 
 
 def _quantization_config(kind: str, dtype: str):

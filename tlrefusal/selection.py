@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hooks import ablation_hooks, addition_hooks
 from tlrefusal.activations import last_logits
-from tlrefusal.batching import parse_batch_size
+from tlrefusal.batching import AUTO, parse_batch_size
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel
@@ -38,7 +38,7 @@ class SelectionConfig:
             raise TlrefusalError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
         if self.kl_threshold < 0:
             raise TlrefusalError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
-        parse_batch_size(self.batch_size)
+        object.__setattr__(self, "batch_size", parse_batch_size(self.batch_size))  # "8" -> 8, as the CLI gives
 
     def first_pruned_layer(self, n_layers: int) -> int:
         """Layers at or above this index are discarded: int(L * (1 - fraction))."""
@@ -187,7 +187,9 @@ def score_keys(
     scores: list[CandidateScore] = []
     if not keys:
         return scores
-    bs = int(config.batch_size)  # a number here: `pipeline` resolves "auto"
+    if config.batch_size == AUTO:
+        raise TlrefusalError("scoring needs a batch size; run_extract resolves 'auto' (tlrefusal.batching.run_batched)")
+    bs = config.batch_size
     base_harmless = last_logits(model, chat, harmless_val, batch_size=bs)
     with progress.task(description, total=len(keys)) as advance:
         for position, layer in keys:

@@ -94,7 +94,7 @@ def guarded(command: Callable) -> Callable:
             if _debug():
                 raise
             if is_out_of_memory(exc):
-                _fail(f"out of memory ({first_line(exc)}): lower --batch-size (or give auto), load in --dtype "
+                _fail(f"out of memory ({first_line(exc)}): lower --batch-size (extract takes auto), load in --dtype "
                       "bfloat16, or spread the model with --device-map",
                       EXIT_UNEXPECTED)
             _fail(f"unexpected {type(exc).__name__}: {first_line(exc)} (run with --debug, or TLREFUSAL_DEBUG=1, for "

@@ -22,19 +22,16 @@ VLLM_BATCH_INVARIANT=1 is set (vllm #27433).
 vLLM is an optional extra, CUDA only, and pins torch exactly: install it in its own environment
 (`pip install 'tlrefusal[vllm]'`).
 """
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.generation import decode_reply, greedy_completions, stop_tokens
 from tlrefusal.interventions import Intervention
-from tlrefusal.model import LoadedModel
+from tlrefusal.model import LoadedModel, release_memory
 from tlrefusal.progress import Advance
 
 VLLM_MISSING = "--backend vllm needs vLLM (a CUDA machine): pip install 'tlrefusal[vllm]'"
@@ -97,12 +94,12 @@ class VllmGenerator:
 
     def close(self) -> None:
         self._llm = None
+        try:  # vLLM keeps its workers and their GPU memory until its distributed state is torn down
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:
+            pass
+        else:
+            cleanup_dist_env_and_memory()
         release_memory()
 
 
-def release_memory() -> None:
-    """Collect what nothing references any more (a model's modules hold reference cycles) and hand the
-    CUDA cache back, so that the next model loads into free memory."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -37,7 +37,6 @@ from tlrefusal.evaluation.backends import (
     Generator,
     VllmGenerator,
     import_vllm,
-    release_memory,
 )
 from tlrefusal.evaluation.ce import CeDataset, ce_interventions, ce_losses
 from tlrefusal.evaluation.coherence import (
@@ -60,6 +59,7 @@ from tlrefusal.model import (
     ModelSource,
     load_model,
     prepare_tokenizer,
+    release_memory,
     resolve_device,
     resolve_dtype,
     resolve_source,

@@ -12,7 +12,6 @@ kept on the CPU and the model is freed, then the source is loaded with hooks (pe
 Owns the tolerance per weight dtype, the prompts checked, and the typed `Verification` result that the
 export record stores under "verification".
 """
-import gc
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -25,7 +24,7 @@ import torch
 from tlrefusal import artifacts
 from tlrefusal.chat_templates import ChatTemplate
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.model import DTYPES, ModelSource
+from tlrefusal.model import DTYPES, ModelSource, release_memory
 from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 
@@ -173,7 +172,7 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
             outputs = [_run_plain(plain, ids, mask, chat, tokenizer.pad_token_id, n_tokens, advance)
                        for ids, mask in inputs]
         del plain  # the only reference: the export is freed before the source loads (peak: one model)
-        free_memory()
+        release_memory()
         hooked = load_model(ModelSource(source.spec, source.kind, source_dir, source.gguf_file), placement,
                             trust_remote_code=trust_remote_code, progress=progress)
         hooks = ablation_hooks(direction.vector, hooked.n_layers)
@@ -191,13 +190,6 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
     return Verification(dtype=placement.dtype, n_prompts=len(VERIFY_PROMPTS), n_tokens=n_tokens,
                         max_abs_logit_diff=max_diff, tolerance=tolerance, greedy_equal=greedy_equal,
                         passed=max_diff <= tolerance, examples=tuple(examples), reference=reference, layers=layers)
-
-
-def free_memory() -> None:
-    """Return a freed model's memory: collect reference cycles, and give cached CUDA blocks back."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 def model_layers(folder: Path) -> int:
