@@ -195,16 +195,22 @@ def test_vllm_stops_where_the_bridge_does_and_reuses_nothing_across_backends(run
     assert "backend" not in artifacts.read_json(run_dir / "eval" / "completions" / "harmful.as_loaded.json")
 
 
+def pile_and_task(folder):
+    """Two Pile-like documents, and a local lm-eval task that scores their perplexity."""
+    pile = folder / "pile.jsonl"
+    pile.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sea is wide.", "Bread needs flour."]))
+    task = folder / "tiny_ppl.yaml"
+    task.write_text(f"task: tiny_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {pile}\n"
+                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+                    "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    return pile, task
+
+
 def test_vllm_ce_stays_on_the_bridge_and_coherence_uses_lm_evals_vllm_model(run_dir, checkpoint, fake_vllm,
                                                                            tmp_path, monkeypatch):
     from lm_eval.models.huggingface import HFLM
 
-    pile = tmp_path / "pile.jsonl"
-    pile.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sea is wide.", "Bread needs flour."]))
-    task = tmp_path / "tiny_ppl.yaml"
-    task.write_text(f"task: tiny_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {pile}\n"
-                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
-                    "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    pile, task = pile_and_task(tmp_path)
     asked = []
 
     def lm_eval_vllm(path, dtype, tensor_parallel, trust_remote_code, seed=1234):
@@ -279,12 +285,7 @@ def test_guard_loads_after_the_evaluated_model_is_dead_and_judges_the_same(run_d
     and an assistant turn) judges the written completions as `LlamaGuard.judge` does when called here."""
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("eval"))
-    pile = tmp_path / "pile.jsonl"
-    pile.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The sea is wide.", "Bread needs flour."]))
-    task = tmp_path / "tiny_ppl.yaml"
-    task.write_text(f"task: tiny_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {pile}\n"
-                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
-                    "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    pile, task = pile_and_task(tmp_path)
     config = {**SMALL, "n": 3, "ce": ("pile",), "ce_n": 2, "pile": str(pile), "tasks": (str(task),)}
     run_eval(run, EvalConfig(**config))  # the completions, rewritten below (their records kept: reused)
     for path in (run / "eval" / "completions").glob("*.jsonl"):
