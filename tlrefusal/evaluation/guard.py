@@ -6,7 +6,7 @@ replication both do this). The guard prompt is the guard tokenizer's own chat te
 turn and an assistant turn, as both do, and starts with exactly one BOS (the paper's Figure 13): Llama Guard
 2's template writes no BOS text, so the BOS is put in front here unless a template writes it. The guard is a
 local Hugging Face folder (`--guard-model PATH`): it is never downloaded here. `tlrefusal eval` checks its
-folder and tokenizer before generating anything (`check_guard`), loads it only after the evaluated model is
+folder and tokenizer before generating anything (`guard_tokenizer`), loads it only after the evaluated model is
 freed, and runs it on `--guard-device` in `--guard-dtype` (default: the evaluated model's device and dtype).
 """
 from collections.abc import Sequence
@@ -60,12 +60,6 @@ def guard_tokenizer(path: Path):
     if not getattr(tokenizer, "chat_template", None):
         raise TlrefusalError(f"the guard model at {path} has no chat template")
     return tokenizer
-
-
-def check_guard(path: Path) -> None:
-    """Refuse a guard folder that cannot judge (no config.json, no tokenizer, no chat template) before any
-    completion is generated: the guard itself loads last."""
-    guard_tokenizer(path)
 
 
 class LlamaGuard:

@@ -48,7 +48,7 @@ from tlrefusal.evaluation.coherence import (
 )
 from tlrefusal.evaluation.completions import Completion, CompletionSetup, completion_setup, completions
 from tlrefusal.evaluation.config import EvalConfig
-from tlrefusal.evaluation.guard import LlamaGuard, check_guard
+from tlrefusal.evaluation.guard import LlamaGuard, guard_tokenizer
 from tlrefusal.evaluation.magnitude import MagnitudeStudy, magnitude_study
 from tlrefusal.evaluation.report import DirectionSummary, EvalReport, markdown_report
 from tlrefusal.evaluation.scores import DatasetScores, InterventionScores, score_completions
@@ -81,8 +81,6 @@ def run_eval(run_dir: Path, config: EvalConfig, cache_dir: Path | None = None,
         resolve_tasks(config.tasks)
     if config.backend == "vllm":
         import_vllm()
-    if config.guard_model is not None:
-        check_guard(config.guard_model)
     source = resolve_source(config.model or run.config["model"], cache_dir, progress)
     if config.backend == "vllm" and source.gguf_file:
         raise TlrefusalError("--backend vllm takes a Hugging Face checkpoint folder, not a .gguf file")
@@ -115,8 +113,8 @@ def _read_run(run_dir: Path, config: EvalConfig) -> _Run:
         raise TlrefusalError(f"{run_dir} is not a tlrefusal run folder (no {artifacts.CONFIG})")
     if not config.picks_candidate and not (run_dir / artifacts.DIRECTION).is_file():
         raise TlrefusalError(f"{run_dir} has no direction ({artifacts.DIRECTION}); `tlrefusal extract` chose none")
-    if config.guard_model is not None and not (config.guard_model / artifacts.HF_CONFIG).is_file():
-        raise TlrefusalError(f"no guard model at {config.guard_model} (expected a Hugging Face folder)")
+    if config.guard_model is not None:  # a folder that cannot judge fails now; the guard itself loads last
+        guard_tokenizer(config.guard_model)
     run_config = artifacts.read_json(run_dir / artifacts.CONFIG)["config"]
     refusal_ids = artifacts.read_json(run_dir / artifacts.MANIFEST)["refusal"]["token_ids"]
     return _Run(run_config, refusal_ids, artifacts.load_direction(run_dir, config.layer, config.position))
