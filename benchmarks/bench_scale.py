@@ -237,24 +237,7 @@ def tlrefusal_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tlrefusal", *args]
 
 
-def distributed_support() -> str | None:
-    """None if tlrefusal's extract can split work over torchrun ranks, else why not (read from its source)."""
-    sources = [p.read_text() for p in (ROOT / "tlrefusal").rglob("*.py")]
-    if not any("init_process_group" in s or "torch.distributed" in s for s in sources):
-        return "tlrefusal has no torchrun support yet (no torch.distributed in tlrefusal/)"
-    return None
-
-
-def verify_modes() -> str | None:
-    """None if `tlrefusal orthogonalize --verify MODE` exists (full|layers:K|weights|none), else why not."""
-    proc = subprocess.run(tlrefusal_cmd("orthogonalize", "--help"), capture_output=True, text=True, check=False,
-                          env={**os.environ, "COLUMNS": "200"})
-    if "layers:K" in proc.stdout or "full|" in proc.stdout:
-        return None
-    return "`tlrefusal orthogonalize --verify full|layers:K|weights|none` is not there yet (only --verify/--no-verify)"
-
-
-def verification_step(tmp: Path, mode: str, flags: list[str], weights_bytes: int, missing_modes: str | None) -> dict:
+def verification_step(tmp: Path, mode: str, weights_bytes: int) -> dict:
     """`tlrefusal orthogonalize` with one verification mode: peak RSS against one model, and its record.
 
     Verification holds one model at a time: the export (plain transformers), then the source (under hooks);
@@ -263,8 +246,9 @@ def verification_step(tmp: Path, mode: str, flags: list[str], weights_bytes: int
 
     out = tmp / f"export_{mode.replace(':', '')}"
     check = measured(tlrefusal_cmd("orthogonalize", str(tmp / "run1"), "--out", str(out), "--layer", "0",
-                                   "--position", "-1", "--dtype", "bfloat16", *flags), tmp / f"verify_{mode}.log", 1)
-    check["mode"] = f"plain --verify (modes not there yet: {missing_modes})" if missing_modes else f"--verify {mode}"
+                                   "--position", "-1", "--dtype", "bfloat16", "--verify", mode),
+                     tmp / f"verify_{mode}.log", 1)
+    check["mode"] = f"--verify {mode}"
     check["peak_rss_over_source_weights"] = check["peak_rss_mb"] * 2**20 / weights_bytes
     if check["rc"] == 0:
         check["export_weights_bytes"] = checkpoint_sizes(out)["weights_bytes"]
@@ -445,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                           / sizes_on_disk["weights_bytes"])
         steps["extract_one_process"] = one
         # 2. the same under torchrun, 2 ranks of one thread each.
-        why = distributed_support() if "two-process" not in args.skip else "skipped (--skip two-process)"
+        why = "skipped (--skip two-process)" if "two-process" in args.skip else None
         if why is None and one["rc"] == 0:
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "tlrefusal", *extract_args(**base_args, out=tmp / "run2")]
@@ -465,10 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "export" not in args.skip and one["rc"] == 0:
             import bench_orthogonalize
 
-            modes = verify_modes()
-            no_verify = ["--no-verify"] if modes else ["--verify", "none"]
             export = measured(tlrefusal_cmd("orthogonalize", str(tmp / "run1"), "--out", str(tmp / "export"),
-                                            "--layer", "0", "--position", "-1", *no_verify), tmp / "export.log", 1)
+                                            "--layer", "0", "--position", "-1", "--verify", "none"),
+                              tmp / "export.log", 1)
             # Two baselines: bench_orthogonalize's `plan` child (the export's library imports, the config and the
             # meta model that names the tensors), and the same with the CLI's imports too (typer, rich, the
             # commands), as the measured process has them. The streaming cost is taken over the second.
@@ -483,19 +466,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                             / sizes_on_disk["largest_tensor_fp32_bytes"])
             steps["export"] = export
             # 4. export with verification: the peak is the verification's (the streaming part is far smaller).
-            # `full` (or the plain --verify of a tlrefusal without modes) is the target's; `layers:2` and
-            # `weights` are measured too where they exist.
+            # `full` is the target's; `layers:2` and `weights` are measured beside it.
             if "verification" in args.skip:
                 steps["verification"] = {"status": "not run: skipped (--skip verification)"}
             else:
-                runs = [("full", ["--verify"] if modes else ["--verify", "full"])]
-                runs += [] if modes else [("layers:2", ["--verify", "layers:2"]), ("weights", ["--verify", "weights"])]
-                for mode, flags in runs:
+                for mode in ("full", "layers:2", "weights"):
                     steps["verification" if mode == "full" else f"verification_{mode}"] = verification_step(
-                        tmp, mode, flags, sizes_on_disk["weights_bytes"], modes)
-                if modes:
-                    for mode in ("layers:2", "weights"):
-                        steps[f"verification_{mode}"] = {"status": f"not run: {modes}"}
+                        tmp, mode, sizes_on_disk["weights_bytes"])
         else:
             steps["export"] = {"status": "not run: " + ("skipped (--skip export)" if "export" in args.skip
                                                         else "the extract failed")}

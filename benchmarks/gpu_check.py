@@ -42,7 +42,6 @@ from bench_scale import (  # noqa: E402  (the benchmarks folder is not a package
     ROOT,
     SHAPES,
     Shape,
-    distributed_support,
     hf_config,
     prompts,
     random_model,
@@ -147,9 +146,6 @@ def check_device_map(profile: Profile, tmp: Path, partial: Path) -> dict:
 def check_torchrun(profile: Profile, tmp: Path, partial: Path) -> dict:
     from tlrefusal import artifacts
 
-    why = distributed_support()
-    if why is not None:
-        return {"status": f"not run: {why}"}
     model = tiny_model(tmp / "tiny")
     files = write_prompt_files(tmp / "prompts", profile.tiny_n_train + profile.tiny_n_val)
     ids = refusal_token_ids(saved_tokenizer(tmp / "tok"))
