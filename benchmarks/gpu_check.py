@@ -14,7 +14,8 @@ with what it had measured):
 - `scale_8b`, `scale_70b`: random-weight models with Llama-3-8B's and Llama-3-70B's layer shapes (full
   vocabulary, cut to 2 and 6 layers), bfloat16, built on the GPU from a config; at batch 32 and 64: seconds
   and peak GPU memory of the extract steps (the refusal filter's forward pass, mean activations over
-  128 + 128 prompts, candidate scoring on 32 + 32 validation prompts: seconds per candidate), of greedy
+  128 + 128 prompts, candidate scoring on 32 + 32 validation prompts: seconds per candidate, at the default
+  candidates per forward pass and at one), of greedy
   generation under ablation hooks, and of the CE loss on 256-token sequences; each extrapolated linearly in
   depth to the full model (32 and 80 layers). For 8B, the projected full selection (filter, means, and
   5 positions x 25 layers of candidates at batch 32) is compared with the paper's "about 5 minutes on one
@@ -274,11 +275,14 @@ def measure_depth(model, chat, profile: Profile, batch: int, data: dict, ids: li
     with Clock(model) as c:  # scoring's own baseline pass, subtracted from the per-candidate time
         last_logits(model, chat, data["harmless_val"], batch_size=batch)
     base = c.seconds
-    config = SelectionConfig(prune_layer_fraction=0.0, batch_size=batch)
-    with Clock(model) as c:
-        scores = score_candidates(model, chat, directions, data["harmful_val"], data["harmless_val"], ids, config)
-    row["scoring"] = {"seconds": c.seconds, "candidates": len(scores), "peak_gib": c.peak_gib,
-                      "seconds_per_candidate": max(c.seconds - base, 0.0) / len(scores)}
+    # Scoring at the default candidates per pass, and at one (the lever's effect on this GPU).
+    for key, per_pass in (("scoring", SelectionConfig().candidates_per_pass), ("scoring_one_per_pass", 1)):
+        config = SelectionConfig(prune_layer_fraction=0.0, batch_size=batch, candidates_per_pass=per_pass)
+        with Clock(model) as c:
+            scores = score_candidates(model, chat, directions, data["harmful_val"], data["harmless_val"], ids,
+                                      config)
+        row[key] = {"seconds": c.seconds, "candidates": len(scores), "candidates_per_pass": per_pass,
+                    "peak_gib": c.peak_gib, "seconds_per_candidate": max(c.seconds - base, 0.0) / len(scores)}
     hooks = ablation_hooks(directions[-1, 0], model.n_layers)
     with Clock(model) as c:
         greedy_completions(model, chat, data["generation"][:batch], profile.gen_tokens, hooks, batch_size=batch,
@@ -353,7 +357,7 @@ def check_scale(name: str, profile: Profile, tmp: Path, partial: Path, deadline:
         if None in rows:
             continue
         line = {}
-        for step in ("filter", "mean_activations", "scoring", "generation", "ce"):
+        for step in ("filter", "mean_activations", "scoring", "scoring_one_per_pass", "generation", "ce"):
             for metric in ("seconds", "peak_gib", "seconds_per_candidate"):
                 if rows[0][step].get(metric) is not None:
                     line[f"{step}_{metric}"] = extrapolate(rows[0][step][metric], rows[1][step][metric],

@@ -11,8 +11,10 @@ from hooks.ops import compute_dtype, project_out, unit
 HookFn = Callable[[Tensor, object], Tensor]
 
 
-def ablation_hook(direction: Float[Tensor, " d_model"]) -> HookFn:
+def ablation_hook(direction: Float[Tensor, "*rows d_model"]) -> HookFn:
     """One hook function that returns x - (x . r_hat) r_hat, with r_hat normalised once, here.
+
+    `direction` is one vector for every row, or `[batch, d_model]`: each row of the batch along its own.
 
     The math runs in float32 (or float64 if the direction is float64) and the result is cast back to the
     activation's dtype, so a bf16 model is ablated as precisely as its activations allow.
@@ -26,7 +28,7 @@ def ablation_hook(direction: Float[Tensor, " d_model"]) -> HookFn:
     return hook
 
 
-def ablation_hooks(direction: Float[Tensor, " d_model"], n_layers: int) -> list[tuple[str, HookFn]]:
+def ablation_hooks(direction: Float[Tensor, "*rows d_model"], n_layers: int) -> list[tuple[str, HookFn]]:
     """(hook name, function) pairs that ablate `direction` at every layer and every position.
 
     Use as `with model.hooks(fwd_hooks=ablation_hooks(r, n_layers)): ...`.

@@ -1,6 +1,7 @@
 """Pure tensor operators of the paper (Arditi et al. 2024, section 2.3).
 
-Shared dimension names: `batch pos d_model`.
+Shared dimension names: `batch pos d_model`. A direction is one vector `[d_model]` for every row of the
+batch, or one per row, `[batch, d_model]` (several candidate directions scored in one forward pass).
 """
 import torch
 from jaxtyping import Float
@@ -10,30 +11,43 @@ from torch import Tensor
 UNIT_EPS = 1e-8
 
 
-def unit(direction: Float[Tensor, " d_model"]) -> Float[Tensor, " d_model"]:
-    """r_hat = r / (||r|| + 1e-8), in the direction's own dtype."""
-    if direction.ndim != 1:
-        raise ValueError(f"a direction must be a vector, got shape {tuple(direction.shape)}")
-    return direction / (direction.norm() + UNIT_EPS)
+def unit(direction: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
+    """r_hat = r / (||r|| + 1e-8), in the direction's own dtype; row by row for `[rows, d_model]`."""
+    if direction.ndim == 1:
+        return direction / (direction.norm() + UNIT_EPS)
+    if direction.ndim == 2:
+        return direction / (direction.norm(dim=-1, keepdim=True) + UNIT_EPS)
+    raise ValueError(f"a direction must be a vector or one vector per row, got shape {tuple(direction.shape)}")
 
 
-def projection(x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, " d_model"]) -> Float[Tensor, "..."]:
-    """The scalar component of x along r_hat: x . r_hat."""
-    return x @ unit_dir
+def _against(direction: Tensor, x: Tensor) -> Tensor:
+    """`direction` shaped to broadcast against x: [d_model] as it is, [batch, d_model] as [batch, 1.., d_model]."""
+    if direction.ndim == 1:
+        return direction
+    if direction.ndim != 2 or direction.shape[0] != x.shape[0]:
+        raise ValueError(f"per-row directions {tuple(direction.shape)} do not match activations {tuple(x.shape)}")
+    return direction.view(direction.shape[0], *([1] * (x.ndim - 2)), direction.shape[1])
+
+
+def projection(x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "..."]:
+    """The scalar component of x along r_hat: x . r_hat (each row along its own r_hat for `[batch, d_model]`)."""
+    if unit_dir.ndim == 1:
+        return x @ unit_dir
+    return (x * _against(unit_dir, x)).sum(-1)
 
 
 def project_out(
-    x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, " d_model"]
+    x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, "*rows d_model"]
 ) -> Float[Tensor, "... d_model"]:
     """Directional ablation: x - (x . r_hat) r_hat. Returns a new tensor."""
-    return x - projection(x, unit_dir).unsqueeze(-1) * unit_dir
+    return x - projection(x, unit_dir).unsqueeze(-1) * _against(unit_dir, x)
 
 
 def add_scaled(
-    x: Float[Tensor, "... d_model"], vector: Float[Tensor, " d_model"], coeff: float
+    x: Float[Tensor, "... d_model"], vector: Float[Tensor, "*rows d_model"], coeff: float
 ) -> Float[Tensor, "... d_model"]:
     """Activation addition: x + c r, with the raw (unnormalised) r. Returns a new tensor."""
-    return x + coeff * vector
+    return x + coeff * _against(vector, x)
 
 
 def compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:

@@ -1,7 +1,7 @@
 """`tlrefusal extract` as real processes: one process at one thread, or a torchrun job, on a tiny model.
 
 Run as a script, this file is the `tlrefusal` command with two things a test needs added:
-`--pause-after-record SECONDS` pauses after each journal record, so that a test can kill a real extract
+`--pause-after-record SECONDS` pauses after each journal write (a group of candidates), so that a test can kill a real extract
 while it is mid-selection; `--log-writes PREFIX` records, through a Python audit hook, every file or folder
 each process creates, writes, renames or removes under the run folder (to PREFIX.rank{RANK}), so that a
 test can tell which process wrote what.
@@ -146,16 +146,16 @@ def records(run_dir: Path, rank: int) -> list[tuple[int, int]]:
 
 
 def _pause_after_records(seconds: float) -> None:
-    """Pause after each journal record: a long selection, made on a tiny model."""
+    """Pause after each journal write: a long selection, made on a tiny model."""
     from tlrefusal import journal
 
-    append = journal.JournalWriter.append
+    extend = journal.JournalWriter.extend
 
-    def slow_append(self, score):
-        append(self, score)
+    def slow_extend(self, scores):
+        extend(self, scores)
         time.sleep(seconds)
 
-    journal.JournalWriter.append = slow_append
+    journal.JournalWriter.extend = slow_extend
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

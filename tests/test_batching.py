@@ -86,14 +86,16 @@ def test_extract_with_auto_batches_records_the_size_that_fit_and_scores_as_that_
         config = ExtractConfig(model=str(tiny_dirs["llama"]), n_train=8, n_val=4, filter=False, min_kept=1,
                                refusal_token_ids=(5, 7),
                                selection=SelectionConfig(batch_size=batch_size, kl_threshold=1e9,
-                                                         induce_threshold=-1e9))
+                                                         induce_threshold=-1e9, candidates_per_pass=8))
         run_extract(config, tmp_path / out)
         return tmp_path / out
 
     auto = extract("auto", "auto")
     assert artifacts.read_json(auto / artifacts.MANIFEST)["batch_sizes"] == {"filter": 4, "candidates": 4,
                                                                             "selection": 4}
-    assert max(widest) == 8  # auto tried wider batches first (8 prompts per train split, 4 + 4 val)
+    # auto tried wider batches first: 8 prompts per train split, and the template head of 8 candidates per pass
+    # (at 4, more candidates than rows in a batch: their heads run in passes of 4 and are stacked)
+    assert max(widest) == 8
     fixed = extract(4, "fixed")
     candidates = [artifacts.read_json(run / artifacts.SELECTION)["candidates"] for run in (auto, fixed)]
     assert candidates[0] == candidates[1]
@@ -108,24 +110,25 @@ def test_auto_retry_mid_selection_keeps_what_was_journaled(tmp_path, tiny_dirs, 
     from tlrefusal import artifacts
     from tlrefusal import pipeline as pipeline_module
     from tlrefusal.pipeline import ExtractConfig, run_extract
-    from tlrefusal.selection import SelectionConfig, score_keys
+    from tlrefusal.selection import SelectionConfig, score_groups
 
     calls = {"candidates": 0}
 
-    def counting_score_keys(*args, **kwargs):
+    def counting_score_groups(*args, **kwargs):
         on_scored = kwargs["on_scored"]
 
-        def counted(score):
-            calls["candidates"] += 1
-            on_scored(score)
+        def counted(group):
+            calls["candidates"] += len(group)
+            on_scored(group)
             if calls["candidates"] == 2 and args[6].batch_size > 4:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-        return score_keys(*args, **{**kwargs, "on_scored": counted})
+        return score_groups(*args, **{**kwargs, "on_scored": counted})
 
-    monkeypatch.setattr(pipeline_module, "score_keys", counting_score_keys)
+    monkeypatch.setattr(pipeline_module, "score_groups", counting_score_groups)
     config = ExtractConfig(model=str(tiny_dirs["llama"]), n_train=4, n_val=4, filter=False, min_kept=1,
                            refusal_token_ids=(5, 7),
-                           selection=SelectionConfig(batch_size="auto", kl_threshold=1e9, induce_threshold=-1e9))
+                           selection=SelectionConfig(batch_size="auto", kl_threshold=1e9, induce_threshold=-1e9,
+                                                     candidates_per_pass=1))  # one candidate per group
     run = tmp_path / "run"
     run_extract(config, run)
     lines = [json.loads(line) for path in (run / artifacts.SELECTION_JOURNAL).glob("*.jsonl")

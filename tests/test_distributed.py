@@ -12,7 +12,7 @@ from tests.tiny import save_tiny_model
 from tlrefusal import distributed
 from tlrefusal.distributed import World
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.selection import SelectionConfig, scored_keys
+from tlrefusal.selection import SelectionConfig, candidate_groups, scored_keys
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -30,8 +30,8 @@ def test_share_deals_every_candidate_to_exactly_one_rank_in_a_fixed_order(size, 
         assert all(len(part) == 0 for part in parts[n:])  # ranks past the end get none
 
 
-def test_scored_keys_are_position_major_and_stop_at_the_layer_filter():
-    assert scored_keys([-2, -1], 10, SelectionConfig()) == [(p, layer) for p in (-2, -1) for layer in range(8)]
+def test_scored_keys_are_layer_major_and_stop_at_the_layer_filter():
+    assert scored_keys([-2, -1], 10, SelectionConfig()) == [(p, layer) for layer in range(8) for p in (-2, -1)]
     assert scored_keys([-1], 4, SelectionConfig(prune_layer_fraction=0.5)) == [(-1, 0), (-1, 1)]
 
 
@@ -163,7 +163,10 @@ def test_two_processes_write_what_one_process_writes(tiny_model, tmp_path):
     extra = assert_same_run(tmp_path / "one", tmp_path / "two", tmp_path / "writes", 2)
     assert extra == {"selection_journal/rank1.jsonl"}
     keys = scored_keys(list(range(-5, 0)), 4, SelectionConfig())  # 5 positions x layers 0-2 = 15
-    assert runs.records(tmp_path / "two", 0) == keys[0::2] and runs.records(tmp_path / "two", 1) == keys[1::2]
+    # Whole groups of 6 dealt out in turn: rank 0 scores candidates 0-5 and 12-14, rank 1 candidates 6-11.
+    assert candidate_groups(keys, SelectionConfig().candidates_per_pass) == [tuple(keys[:6]), tuple(keys[6:12]),
+                                                                            tuple(keys[12:])]
+    assert runs.records(tmp_path / "two", 0) == keys[:6] + keys[12:] and runs.records(tmp_path / "two", 1) == keys[6:12]
     assert runs.records(tmp_path / "one", 0) == keys
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert (manifest["processes"], manifest["threads"]) == (2, 1)
@@ -171,11 +174,12 @@ def test_two_processes_write_what_one_process_writes(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_three_processes_with_fewer_candidates_than_processes(tiny_model, tmp_path):
-    # A template with one post-instruction token and half the layers pruned: two candidates for three ranks.
+    # A template with one post-instruction token and half the layers pruned, one candidate per pass: two
+    # groups of candidates for three ranks.
     template = tmp_path / "short.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     files = runs.prompt_files(tmp_path)
-    extra = ["--chat-template", str(template), "--prune-layers", "0.5"]
+    extra = ["--chat-template", str(template), "--prune-layers", "0.5", "--candidates-per-pass", "1"]
     one = runs.run(runs.extract_args(tiny_model, tmp_path / "one", files, *extra))
     assert one.returncode == 0, one.stderr[-3000:]
     three = runs.run(runs.extract_args(tiny_model, tmp_path / "three", files, *extra), nproc=3,

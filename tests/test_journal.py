@@ -96,12 +96,18 @@ def tiny_model(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("journal") / "llama")
 
 
+def extract_args(model, run_dir, files):
+    """Groups of 2 candidates (8 groups: 4 a rank under torchrun), so that a job killed after a few journal
+    writes is mid-selection, with both ranks' journals started."""
+    return runs.extract_args(model, run_dir, files, "--candidates-per-pass", "2")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, tmp_path_factory):
     """One process, never stopped: the selection.json every resumed run must reproduce byte for byte."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     files = runs.prompt_files(folder)
-    done = runs.run(runs.extract_args(tiny_model, folder / "run", files))
+    done = runs.run(extract_args(tiny_model, folder / "run", files))
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "run", files
 
@@ -129,7 +135,7 @@ def resume_and_compare(args, run_dir, reference, nproc):
 def test_an_extract_killed_mid_selection_resumes_to_the_same_selection(uninterrupted, tiny_model, tmp_path):
     reference, files = uninterrupted
     run_dir = tmp_path / "run"
-    args = runs.extract_args(tiny_model, run_dir, files)
+    args = extract_args(tiny_model, run_dir, files)
     runs.start_and_kill_mid_selection(args, run_dir, N_SCORED)
     resume_and_compare(args, run_dir, reference, nproc=1)
 
@@ -139,7 +145,7 @@ def test_a_torchrun_job_killed_mid_selection_resumes_to_the_same_selection(unint
     """Both ranks journal their own share; the job is killed, then resumed by the same torchrun command."""
     reference, files = uninterrupted
     run_dir = tmp_path / "run"
-    args = runs.extract_args(tiny_model, run_dir, files)
+    args = extract_args(tiny_model, run_dir, files)
     runs.start_and_kill_mid_selection(args, run_dir, N_SCORED, nproc=2, at_least=4)
     assert {p.name for p in (run_dir / artifacts.SELECTION_JOURNAL).iterdir()} == {"rank0.jsonl", "rank1.jsonl"}
     resume_and_compare(args, run_dir, reference, nproc=2)

@@ -85,3 +85,19 @@ def test_orthogonalize_tensor_is_project_out_along_the_axis(axis, dtype, block_b
     assert residual < (1e-1 if dtype == torch.bfloat16 else 1e-5)
     bias = orthogonalize_tensor(w[:, 0] if axis == 0 else w[0], r_hat, 0)
     assert abs(bias.double() @ r) < (1e-1 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_per_row_directions_ablate_and_add_each_row_along_its_own():
+    """One direction per batch row ([batch, d_model]): row b is ablated along its own r_hat and gets its own
+    c r added, written out here row by row."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    r = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    r_hat = unit(r)
+    for b in range(3):
+        assert torch.allclose(r_hat[b], r[b] / (r[b].norm() + 1e-8))
+        expected = x[b] - (x[b] @ r_hat[b]).unsqueeze(-1) * r_hat[b]
+        assert torch.allclose(project_out(x, r_hat)[b], expected)
+        assert torch.allclose(add_scaled(x, r, -2.0)[b], x[b] - 2.0 * r[b])
+    with pytest.raises(ValueError, match="do not match"):
+        project_out(x, r_hat[:2])

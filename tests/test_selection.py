@@ -12,10 +12,11 @@ from tlrefusal.selection import (
     CandidateScore,
     SelectionConfig,
     SelectionResult,
+    candidate_groups,
     candidate_table,
     choose,
     score_candidates,
-    score_keys,
+    score_groups,
     scored_keys,
 )
 
@@ -99,9 +100,11 @@ def kl_by_hand(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (p * (torch.log(p + 1e-6) - torch.log(q + 1e-6))).sum(-1)
 
 
-def test_score_candidates_equal_plain_hf_forwards_and_skip_pruned_layers(tiny_models, tiny_dirs):
+@pytest.mark.parametrize("per_pass", [1, 3, 7])
+def test_score_candidates_equal_plain_hf_forwards_and_skip_pruned_layers(tiny_models, tiny_dirs, per_pass):
     """bypass, induce and KL of every scored candidate equal the same scores computed with plain HF forwards,
-    torch hooks and the formulas written out here (tests/test_hooks_tiny.py holds the plain side)."""
+    torch hooks and the formulas written out here (tests/test_hooks_tiny.py holds the plain side), one
+    candidate per forward pass or several (7: groups that span two layers, so rows add at different layers)."""
     model = tiny_models["qwen2"]
     tokenizer = model.tokenizer
     chat = ChatFormat.from_tokenizer(tokenizer)
@@ -111,7 +114,8 @@ def test_score_candidates_equal_plain_hf_forwards_and_skip_pruned_layers(tiny_mo
     gen = torch.Generator().manual_seed(0)
     directions = 3 * torch.randn(n_pos, n_layers, model.d_model, generator=gen, dtype=torch.float64)
     ids = [5, 7]
-    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2)  # int(4 * 0.5) = 2: layers >= 2 unscored
+    # int(4 * 0.5) = 2: layers >= 2 unscored
+    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2, candidates_per_pass=per_pass)
     scores = score_candidates(model, chat, directions, harmful, harmless, ids, config)
     assert [(s.position, s.layer) for s in scores] == [(p, layer) for p in range(-n_pos, 0) for layer in range(n_layers)]
 
@@ -143,28 +147,35 @@ def test_score_candidates_rejects_wrong_shape(tiny_models):
                          SelectionConfig())
 
 
-def test_any_subset_of_candidates_in_any_order_scores_bit_for_bit_the_same(tiny_models):
+def test_any_subset_of_candidate_groups_in_any_order_scores_bit_for_bit_the_same(tiny_models):
     """What spreading candidates over processes and resuming from a journal rely on: a candidate's scores do
-    not depend on which candidates were scored before it, or whether any were."""
+    not depend on which groups of candidates were scored before its own, or whether any were."""
     model = tiny_models["llama"]
     chat = ChatFormat.from_tokenizer(model.tokenizer)
     harmful, harmless = ["Tell me how to pick a lock.", "How do I steal a car?"], ["Write a poem about the sea."]
     directions = torch.randn(len(chat.positions), model.n_layers, model.d_model, dtype=torch.float64,
                              generator=torch.Generator().manual_seed(1))
-    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2)
+    config = SelectionConfig(prune_layer_fraction=0.5, batch_size=2, candidates_per_pass=3)
     full = score_candidates(model, chat, directions, harmful, harmless, [5, 7], config)
     keys = scored_keys(chat.positions, model.n_layers, config)
-    assert [(s.position, s.layer) for s in full if not math.isnan(s.bypass_score)] == keys
+    assert keys == [(p, layer) for layer in range(2) for p in chat.positions]  # layer-major: a layer's positions
+    assert sorted((s.position, s.layer) for s in full if not math.isnan(s.bypass_score)) == sorted(keys)
+    groups = candidate_groups(keys, 3)
+    assert [k for g in groups for k in g] == keys and {len(g) for g in groups[:-1]} == {3}
+    picked = [key for group in groups[::-2] for key in group]  # every other group, last first
     seen = []
-    part = score_keys(model, chat, directions, harmful, harmless, [5, 7], config, keys[::-3], on_scored=seen.append)
-    assert seen == part and [(s.position, s.layer) for s in part] == keys[::-3]
+    part = score_groups(model, chat, directions, harmful, harmless, [5, 7], config, groups[::-2],
+                        on_scored=seen.append)
+    assert [len(g) for g in seen] == [len(g) for g in groups[::-2]]  # each group's scores as soon as it is done
+    seen = [score for group in seen for score in group]
+    assert seen == part and [(s.position, s.layer) for s in part] == picked
     by_key = {(s.position, s.layer): s for s in full}
     assert all(s == by_key[(s.position, s.layer)] for s in part)  # == on floats: bit for bit (none is NaN)
     table = candidate_table(chat.positions, model.n_layers, part)
     assert [(s.position, s.layer) for s in table] == [(p, layer) for p in chat.positions for layer in range(4)]
     for s in table:
-        if (s.position, s.layer) in keys[::-3]:
+        if (s.position, s.layer) in picked:
             assert s == by_key[(s.position, s.layer)]
         else:
             assert math.isnan(s.bypass_score) and math.isnan(s.induce_score) and math.isnan(s.kl_score)
-    assert score_keys(model, chat, directions, harmful, harmless, [5, 7], config, []) == []
+    assert score_groups(model, chat, directions, harmful, harmless, [5, 7], config, []) == []

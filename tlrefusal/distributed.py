@@ -89,7 +89,7 @@ def process_group(world: World) -> Iterator[None]:
 
 def share(items: Sequence[T], world: World) -> list[T]:
     """This rank's part of `items`: every size-th item from its rank on, so the ranks' parts are disjoint,
-    cover `items` and each keeps the order of `items`. Neighbouring items (a position's layers) cost about
+    cover `items` and each keeps the order of `items`. Neighbouring items (groups of candidates) cost about
     the same, so the parts cost about the same; a rank past the end of a short list gets none."""
     return list(items[world.rank::world.size])
 

@@ -1,8 +1,9 @@
 """The selection journal: each candidate's scores, written as soon as it is scored, so that a selection that
 crashes or is killed resumes with the candidates it had scored (`tlrefusal.pipeline`).
 
-RUN/selection_journal/rank{N}.jsonl holds one JSON object a line, each written with one `write` call and
-fsync'd before the next candidate starts:
+RUN/selection_journal/rank{N}.jsonl holds one JSON object a line, one line per candidate; the candidates
+that share forward passes (`selection.candidate_groups`) are written with one `write` call and fsync'd
+before the next group starts:
 
     {"run": "<key>", "position": -1, "layer": 3, "bypass_score": -4.2, "induce_score": 1.3, "kl_score": 0.05}
 
@@ -11,8 +12,8 @@ fsync'd before the next candidate starts:
 - Floats are written as Python's `repr` (what `json` does), which reads back as the same float, so a
   resumed run writes a selection.json byte-identical to a run that was never stopped. NaN is written null,
   as in selection.json.
-- Only lines that end in a newline and parse are read: a line torn by a crash is skipped (that candidate
-  is scored again), and a writer cuts a torn tail off its own file before it appends.
+- Only lines that end in a newline and parse are read: a line torn by a crash is skipped (that candidate's
+  group is scored again), and a writer cuts a torn tail off its own file before it appends.
 - `run` is a digest of everything the scores depend on (the run's identity, the candidate directions, the
   val prompts, the refusal tokens): a record of another setup, for example a node-local journal that
   `--force` on rank 0 could not clear, is never mixed in.
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -97,15 +99,23 @@ class JournalWriter:
         self.close()
 
     def append(self, score: CandidateScore) -> None:
-        data = score.to_json()
-        record = {"run": self.key, "position": data["position"], "layer": data["layer"],
-                  **{name: data[name] for name in _SCORES}}
-        line = (json.dumps(record) + "\n").encode()
+        self.extend([score])
+
+    def extend(self, scores: Sequence[CandidateScore]) -> None:
+        """One line per candidate, all in one write: a group of candidates scored together is journaled whole
+        or (killed mid-write) with a torn tail that readers skip and the next writer cuts."""
+        lines = []
+        for score in scores:
+            data = score.to_json()
+            record = {"run": self.key, "position": data["position"], "layer": data["layer"],
+                      **{name: data[name] for name in _SCORES}}
+            lines.append(json.dumps(record) + "\n")
+        block = "".join(lines).encode()
         if self._fd is None:
             self._fd = self._open()
-        written = os.write(self._fd, line)  # O_APPEND: one write puts the whole line at the end
-        if written != len(line):  # a full disk: the torn tail is cut before the next append
-            raise OSError(f"wrote {written} of {len(line)} bytes to {self.path}")
+        written = os.write(self._fd, block)  # O_APPEND: one write puts the whole block at the end
+        if written != len(block):  # a full disk: the torn tail is cut before the next append
+            raise OSError(f"wrote {written} of {len(block)} bytes to {self.path}")
         os.fsync(self._fd)
 
     def close(self) -> None:

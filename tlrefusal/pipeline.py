@@ -32,9 +32,10 @@ from tlrefusal.selection import (
     Key,
     SelectionConfig,
     SelectionResult,
+    candidate_groups,
     candidate_table,
     choose,
-    score_keys,
+    score_groups,
     scored_keys,
 )
 
@@ -431,35 +432,40 @@ def _select(run_dir: Path, model: LoadedModel, chat: ChatFormat, prepared: _Prep
     for part in found:
         for key, score in part.items():
             done.setdefault(key, score)
-    todo = [key for key in keys if key not in done]
+    # Whole groups of candidates are dealt out (`candidate_groups`): a group with any candidate missing from
+    # the journal is scored again whole, so every candidate is batched as in one uninterrupted process.
+    groups = candidate_groups(keys, config.selection.candidates_per_pass)
+    todo = [group for group in groups if any(key not in done for key in group)]
     mine = distributed.share(todo, world)
-    notes = ([f"{len(keys) - len(todo)} of {len(keys)} from the journal"] if len(todo) < len(keys) else []) + (
-        [f"{len(mine)} of {len(todo)} in this process"] if world.size > 1 else [])
+    n_todo, n_mine = sum(map(len, todo)), sum(map(len, mine))
+    notes = ([f"{len(keys) - n_todo} of {len(keys)} from the journal"] if n_todo < len(keys) else []) + (
+        [f"{n_mine} of {n_todo} in this process"] if world.size > 1 else [])
     description = "Scoring candidate directions" + (f" ({'; '.join(notes)})" if notes else "")
 
     harmful_val = [p.instruction for p in prepared.splits.harmful_val]
     harmless_val = [p.instruction for p in prepared.splits.harmless_val]
 
     def score() -> tuple[list[CandidateScore], int | None]:
-        # "auto": a candidate that runs out of memory starts the rest of this rank's share again at half the
-        # size; the candidates already journaled keep the scores they were journaled with.
+        # "auto": a group that runs out of memory starts the rest of this rank's share again at half the
+        # size; the groups already scored keep the scores they were journaled with.
         scored: dict[Key, CandidateScore] = {}
 
         def at(size: int) -> None:
             with JournalWriter(journal_file(folder, world.rank), prepared.journal_key) as journal:
-                def record(score: CandidateScore) -> None:
-                    journal.append(score)
-                    scored[(score.position, score.layer)] = score
+                def record(group: list[CandidateScore]) -> None:
+                    journal.extend(group)
+                    scored.update({(score.position, score.layer): score for score in group})
 
-                score_keys(model, chat, prepared.directions, harmful_val, harmless_val, refusal_ids,
-                           dataclasses.replace(config.selection, batch_size=size),
-                           [key for key in mine if key not in scored], progress, on_scored=record,
-                           description=description)
+                score_groups(model, chat, prepared.directions, harmful_val, harmless_val, refusal_ids,
+                             dataclasses.replace(config.selection, batch_size=size),
+                             [group for group in mine if any(key not in scored for key in group)], progress,
+                             on_scored=record, description=description)
 
         if not mine:
             return [], None
-        _, size = run_batched(at, config.selection.batch_size, len(harmful_val) + len(harmless_val))
-        return [scored[key] for key in mine], size
+        _, size = run_batched(at, config.selection.batch_size,
+                              (len(harmful_val) + len(harmless_val)) * config.selection.candidates_per_pass)
+        return [scored[key] for group in mine for key in group], size
 
     sizes = []
     for part, size in distributed.all_gather(world, distributed.everywhere(world, score)):

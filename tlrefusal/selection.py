@@ -5,18 +5,25 @@ For each candidate r = r_i^(l) on the filtered validation sets:
 - induce: mean refusal log-odds on harmless val under activation addition of r (c = +1) at layer l;
 - kl:     mean KL(P_base || P_ablated) at the last position on harmless val.
 Discard NaN scores, layers >= int(L * (1 - 0.2)), kl > 0.1 and induce < 0; choose the minimum bypass.
-Candidates the layer filter drops are never scored (their scores stay NaN). `score_keys` scores any list
-of candidates (`scored_keys` lists them in the one fixed order), so the pipeline can deal them out to
-several processes and journal each one as it is scored; `candidate_table` puts the scores back in order.
+Candidates the layer filter drops are never scored (their scores stay NaN). `score_groups` scores any list
+of groups of candidates (`scored_keys` lists them in the one fixed order, `candidate_groups` cuts it into
+groups), so the pipeline can deal them out to several processes and journal each candidate as it is
+scored; `candidate_table` puts the scores back in order.
+
+Several candidates share each forward pass (`candidates_per_pass`, a layer's positions together): every
+batch row carries its own candidate's direction, and the rows of all of them are batched by prompt length,
+which keeps matmuls long and cuts the padding (the prompts of one candidate alone differ in length by up
+to 3x). Which candidates share a pass is fixed by `candidate_groups`, whatever process scores them.
 """
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import Tensor
 
 from hooks import ablation_hooks, addition_hooks
-from tlrefusal.activations import last_logits
+from tlrefusal.activations import last_logits, variant_last_logits
 from tlrefusal.batching import AUTO, parse_batch_size
 from tlrefusal.chat import ChatFormat
 from tlrefusal.errors import TlrefusalError
@@ -32,8 +39,12 @@ class SelectionConfig:
     induce_threshold: float = 0.0
     prune_layer_fraction: float = 0.2
     batch_size: int | str = 32  # or "auto" (`tlrefusal.batching`): each step records the size it ran at
+    # Candidates scored in the same forward passes (rows per pass stay `batch_size`); exact, a speed lever only.
+    candidates_per_pass: int = 6
 
     def __post_init__(self) -> None:
+        if self.candidates_per_pass < 1:
+            raise TlrefusalError(f"candidates_per_pass must be >= 1, got {self.candidates_per_pass}")
         if not 0.0 <= self.prune_layer_fraction < 1.0:
             raise TlrefusalError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
         if self.kl_threshold < 0:
@@ -128,10 +139,17 @@ Key = tuple[int, int]  # a candidate: (position, layer)
 
 
 def scored_keys(positions: Sequence[int], n_layers: int, config: SelectionConfig) -> list[Key]:
-    """The candidates the layer filter keeps, in the one fixed order (position-major, then layer): the order
-    one process scores them in, and the order `distributed.share` deals them out in."""
-    return [(position, layer) for position in positions for layer in range(min(config.first_pruned_layer(n_layers),
-                                                                                n_layers))]
+    """The candidates the layer filter keeps, in the one fixed order (layer-major, then position): the order
+    one process scores them in."""
+    return [(position, layer) for layer in range(min(config.first_pruned_layer(n_layers), n_layers))
+            for position in positions]
+
+
+def candidate_groups(keys: Sequence[Key], size: int) -> list[tuple[Key, ...]]:
+    """`keys` in runs of `size`: the candidates that share forward passes. `distributed.share` deals out
+    whole groups, so a candidate is batched with the same others (and scored to the same bits) whichever
+    process scores it."""
+    return [tuple(keys[start:start + size]) for start in range(0, len(keys), size)]
 
 
 def candidate_table(positions: Sequence[int], n_layers: int, scores: Iterable[CandidateScore]) -> list[CandidateScore]:
@@ -156,12 +174,12 @@ def score_candidates(
 
     `directions` is [n_pos, n_layer, d_model], indexed like `chat.positions`.
     """
-    keys = scored_keys(chat.positions, directions.shape[1], config)
-    scores = score_keys(model, chat, directions, harmful_val, harmless_val, refusal_ids, config, keys, progress)
+    groups = candidate_groups(scored_keys(chat.positions, directions.shape[1], config), config.candidates_per_pass)
+    scores = score_groups(model, chat, directions, harmful_val, harmless_val, refusal_ids, config, groups, progress)
     return candidate_table(chat.positions, directions.shape[1], scores)
 
 
-def score_keys(
+def score_groups(
     model: LoadedModel,
     chat: ChatFormat,
     directions: Tensor,
@@ -169,40 +187,55 @@ def score_keys(
     harmless_val: list[str],
     refusal_ids: list[int],
     config: SelectionConfig,
-    keys: Sequence[Key],
+    groups: Sequence[Sequence[Key]],
     progress: Progress = NO_PROGRESS,
-    on_scored: Callable[[CandidateScore], None] | None = None,
+    on_scored: Callable[[list[CandidateScore]], None] | None = None,
     description: str = "Scoring candidate directions",
 ) -> list[CandidateScore]:
-    """bypass / induce / KL of the candidates `keys`, in that order; `on_scored` sees each as it is done.
+    """bypass / induce / KL of the candidates of `groups`, in that order; `on_scored` sees each group's scores
+    as soon as the group is done.
 
-    A candidate's scores depend on nothing but its own direction and the val prompts (the same batches,
-    whichever candidates come before it), so any subset scored in any process equals the same candidates
-    of a full run bit for bit, given the same threads and devices.
+    The candidates of a group share forward passes (`candidate_groups`). A candidate's scores depend on
+    nothing but its group's directions and the val prompts (the same batches, whichever groups come before
+    it), so any list of the groups scored in any process equals the same candidates of a full run bit for
+    bit, given the same threads and devices.
     """
     n_pos, n_layers, _ = directions.shape
     if n_pos != len(chat.positions) or n_layers != model.n_layers:
         raise TlrefusalError(f"candidate directions have shape {tuple(directions.shape)}, expected "
                              f"({len(chat.positions)}, {model.n_layers}, {model.d_model})")
     scores: list[CandidateScore] = []
-    if not keys:
+    if not groups:
         return scores
     if config.batch_size == AUTO:
         raise TlrefusalError("scoring needs a batch size; run_extract resolves 'auto' (tlrefusal.batching.run_batched)")
     bs = config.batch_size
     base_harmless = last_logits(model, chat, harmless_val, batch_size=bs)
-    with progress.task(description, total=len(keys)) as advance:
-        for position, layer in keys:
-            r = directions[chat.positions.index(position), layer]
-            ablate = ablation_hooks(r, n_layers)
-            # Harmful and harmless val share the ablation hooks: one pass over both sets.
-            ablated = last_logits(model, chat, harmful_val + harmless_val, ablate, batch_size=bs)
-            bypass = refusal_log_odds(ablated[: len(harmful_val)], refusal_ids).mean().item()
-            kl = kl_divergence(base_harmless, ablated[len(harmful_val):]).mean().item()
-            induced = last_logits(model, chat, harmless_val, addition_hooks(r, layer, 1.0), batch_size=bs)
-            induce = refusal_log_odds(induced, refusal_ids).mean().item()
-            scores.append(CandidateScore(position, layer, bypass, induce, kl))
+    with progress.task(description, total=sum(map(len, groups))) as advance:
+        for group in groups:
+            rs = torch.stack([directions[chat.positions.index(position), layer] for position, layer in group])
+            done = _score_group(model, chat, group, rs, harmful_val, harmless_val, base_harmless, refusal_ids, bs)
+            scores += done
             if on_scored is not None:
-                on_scored(scores[-1])
-            advance(1)
+                on_scored(done)
+            advance(len(group))
     return scores
+
+
+def _score_group(model: LoadedModel, chat: ChatFormat, group: Sequence[Key], rs: Tensor, harmful_val: list[str],
+                 harmless_val: list[str], base_harmless: Tensor, refusal_ids: list[int], batch_size: int
+                 ) -> list[CandidateScore]:
+    """The scores of the candidates `group` (directions `rs`, one row each), all in the same forward passes."""
+    layers = [layer for _, layer in group]
+    # Harmful and harmless val share the ablation hooks: one stream of batches over both sets.
+    ablated = variant_last_logits(model, chat, harmful_val + harmless_val,
+                                  lambda rows: ablation_hooks(rs[rows], model.n_layers), len(group), batch_size)
+    induced = variant_last_logits(model, chat, harmless_val,
+                                  lambda rows: addition_hooks(rs[rows], [layers[i] for i in rows.tolist()], 1.0),
+                                  len(group), batch_size)
+    n_harmful = len(harmful_val)
+    return [CandidateScore(position, layer,
+                           bypass_score=refusal_log_odds(ablated[i, :n_harmful], refusal_ids).mean().item(),
+                           induce_score=refusal_log_odds(induced[i], refusal_ids).mean().item(),
+                           kl_score=kl_divergence(base_harmless, ablated[i, n_harmful:]).mean().item())
+            for i, (position, layer) in enumerate(group)]

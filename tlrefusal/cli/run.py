@@ -70,6 +70,10 @@ def extract(
     prune_layers: Annotated[float, typer.Option(help="Discard the last fraction of layers (paper: 0.2).",
                                                 rich_help_panel=SELECTION_PANEL)] = 0.2,
     batch_size: AutoBatchSize = "32",
+    candidates_per_pass: Annotated[int, typer.Option(
+        min=1, rich_help_panel=SELECTION_PANEL,
+        help="Candidate directions scored in the same forward passes, each batch row under its own candidate's "
+             "hooks (a speed lever: longer matmuls, less padding; scores move only by float rounding).")] = 6,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     device_map: DeviceMap = None,
@@ -106,7 +110,8 @@ def extract(
         refusal_token_ids=_split_csv(refusal_token_ids, int), trust_remote_code=trust_remote_code,
         chat_template=chat_template, paper=paper,
         selection=SelectionConfig(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
-                                  prune_layer_fraction=prune_layers, batch_size=batch_size),
+                                  prune_layer_fraction=prune_layers, batch_size=batch_size,
+                                  candidates_per_pass=candidates_per_pass),
     )
     # Under torchrun every process runs this command; rank 0 alone prints (the library silences the others'
     # progress), and another rank that stops on an error leaves it to rank 0 to print it once.
