@@ -270,17 +270,11 @@ def _reference_setup(intervention, r: torch.Tensor, layer: int) -> dict:
 
 
 def _tlrefusal_generate(model, chat, prompts, n_tokens, hooks, batch_size=32):
-    """tlrefusal's side: the bridge's KV-cached generate under the row's hooks, forced to `n_tokens` new tokens."""
-    from tlrefusal.activations import batches
+    """tlrefusal's side: its greedy generation (`tlrefusal.generation.greedy_tokens`) under the row's hooks,
+    forced to `n_tokens` new tokens (no stop tokens)."""
+    from tlrefusal.generation import greedy_tokens
 
-    out = []
-    with torch.inference_mode(), model.bridge.hooks(fwd_hooks=list(hooks)):
-        for batch in batches(prompts, batch_size):
-            ids, mask = chat.encode(batch)
-            tokens = model.bridge.generate(ids, attention_mask=mask, max_new_tokens=n_tokens, do_sample=False,
-                                           stop_at_eos=False, return_type="tokens", verbose=False)
-            out += tokens[:, ids.shape[1]:].tolist()
-    return out
+    return greedy_tokens(model, chat, prompts, n_tokens, hooks, batch_size=batch_size)
 
 
 def _first_difference(ours: list[int], theirs: list[int]) -> int:

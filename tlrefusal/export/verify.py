@@ -275,9 +275,11 @@ def _input_device(model) -> torch.device:
 def _run_plain(plain, ids: torch.Tensor, mask: torch.Tensor, chat, pad_token_id: int, n_tokens: int, advance
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The export's greedy continuation (prompt included) and its float32 logits on it, both on the CPU."""
+    from tlrefusal.generation import greedy_config
+
     device = _input_device(plain)
-    mine = plain.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_tokens,
-                          do_sample=False, pad_token_id=pad_token_id, eos_token_id=list(chat.stop_ids))
+    mine = plain.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          generation_config=greedy_config(n_tokens, chat.stop_ids, pad_token_id))
     logits = plain(input_ids=mine, attention_mask=torch.ones_like(mine)).logits.float().cpu()
     advance(1)
     return mine.cpu(), logits
@@ -308,13 +310,11 @@ def _compare(prompt: str, ids: torch.Tensor, mask: torch.Tensor, mine: torch.Ten
     """One prompt: the largest |logit difference| between the export's logits (`plain_logits`, on its own
     greedy tokens `mine`) and the hooked source's on the same tokens, whether both greedy continuations (cut
     at a stop token) are the same tokens, and both as text."""
-    from tlrefusal.generation import until_stop
+    from tlrefusal.generation import generate_batch, until_stop
 
     stops = list(chat.stop_ids)
     with hooked.bridge.hooks(fwd_hooks=hooks):
-        theirs = hooked.bridge.generate(ids.to(hooked.device), attention_mask=mask.to(hooked.device),
-                                        max_new_tokens=n_tokens, do_sample=False, stop_at_eos=True,
-                                        eos_token_id=stops, return_type="tokens", verbose=False)
+        theirs = generate_batch(hooked, ids, mask, n_tokens, stops)
         tokens = mine.to(hooked.device)
         hooked_logits = hooked.bridge(tokens, attention_mask=torch.ones_like(tokens)).float().cpu()
     diff = (hooked_logits - plain_logits).abs().max().item()
