@@ -37,6 +37,6 @@ def addition_hooks(vector: Float[Tensor, "*rows d_model"], layer: int | Sequence
         return [(sites.resid_pre(layer), addition_hook(vector, coeff))]
     if vector.ndim != 2 or len(layer) != vector.shape[0]:
         raise ValueError(f"one layer per row needs one vector per row: {len(layer)} layers, shape {tuple(vector.shape)}")
-    rows = torch.tensor(list(layer))
+    rows = torch.tensor(list(layer), device=vector.device)
     return [(sites.resid_pre(at), addition_hook(torch.where((rows == at).unsqueeze(-1), vector, 0), coeff))
             for at in sorted(set(layer))]

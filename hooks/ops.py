@@ -33,7 +33,8 @@ def projection(x: Float[Tensor, "... d_model"], unit_dir: Float[Tensor, "*rows d
     """The scalar component of x along r_hat: x . r_hat (each row along its own r_hat for `[batch, d_model]`)."""
     if unit_dir.ndim == 1:
         return x @ unit_dir
-    return (x * _against(unit_dir, x)).sum(-1)
+    _against(unit_dir, x)  # checks the rows match
+    return torch.einsum("b...d,bd->b...", x, unit_dir)
 
 
 def project_out(

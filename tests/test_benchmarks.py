@@ -167,6 +167,32 @@ def test_bench_nnsight_smoke(tiny_dirs, tmp_path):
         assert entry["refusal"]["nnsight"] == entry["refusal"]["plain torch"] == entry["refusal"]["tlrefusal"]
 
 
+def test_bench_selection_smoke(tiny_dirs, tmp_path):
+    """Candidates per pass: the same scores within 1e-5 whatever the grouping, and less padding with more
+    candidates per pass (a length's rows batch together); the padding share recomputed here by hand."""
+    import bench_selection
+
+    out = tmp_path / "selection.json"
+    report = bench_selection.main(paper_data_flag() + ["--model", str(tiny_dirs["llama"]), "--n-train", "4",
+                                                       "--n-val", "3", "--layers", "1", "--per-pass-sweep", "1,3",
+                                                       "--skip-growth", "--out", str(out)])
+    assert json.loads(out.read_text())["per_pass"] == report["per_pass"]
+    one, three = report["per_pass"]
+    assert one["max_abs_score_diff_from_one_per_pass"] == 0.0
+    assert three["max_abs_score_diff_from_one_per_pass"] < 1e-5
+    assert 0.0 <= three["padding"] < one["padding"] < 1.0
+    assert one["gflop_per_candidate"] > 0 and three["gflop_per_candidate"] < one["gflop_per_candidate"]
+
+    class Chat:  # token lists of lengths 3, 5 and 4 after a shared 2-token head
+        def tokenize(self, prompts):
+            return [[1, 2] + [9] * int(p) for p in prompts]
+
+    val = {"harmful": ["3"], "harmless": ["5", "4"]}
+    # one per pass, batches of 2 rows sorted by length: ablation (3, 4) (5) -> padded 8 + 5 for 12 real tokens;
+    # addition (4, 5) -> padded 10 for 9 real tokens
+    assert bench_selection.padding_share(Chat(), val, 1, 2) == pytest.approx(1 - 21 / 23)
+
+
 def test_bench_orthogonalize_smoke(tiny_dirs, tmp_path):
     import bench_orthogonalize
 

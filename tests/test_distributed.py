@@ -18,7 +18,7 @@ from tlrefusal.selection import SelectionConfig, candidate_groups, scored_keys
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 15])
 def test_share_deals_every_candidate_to_exactly_one_rank_in_a_fixed_order(size, n):
-    keys = scored_keys(list(range(-5, 0)), 4, SelectionConfig())[:n]  # position-major, layers 0..2
+    keys = scored_keys(list(range(-5, 0)), 4, SelectionConfig())[:n]  # layer-major, layers 0..2
     parts = [distributed.share(keys, World(rank=rank, local_rank=rank, size=size)) for rank in range(size)]
     dealt = [key for part in parts for key in part]
     assert sorted(dealt) == sorted(keys) and len(dealt) == len(keys)  # each exactly once

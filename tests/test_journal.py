@@ -31,7 +31,7 @@ def test_records_read_back_bit_for_bit(tmp_path):
     scores.append(CandidateScore(-2, 0, NAN, 1.0, NAN))
     with JournalWriter(journal_file(folder, 0), "key") as journal:
         for score in scores:
-            journal.append(score)
+            journal.extend([score])
     back = read_journal(folder, "key")
     assert list(back) == [(s.position, s.layer) for s in scores]
     assert all(same(back[(s.position, s.layer)], s) for s in scores)
@@ -42,15 +42,15 @@ def test_a_torn_last_line_is_skipped_and_cut_before_the_next_record(tmp_path):
     folder = tmp_path / artifacts.SELECTION_JOURNAL
     path = journal_file(folder, 0)
     with JournalWriter(path, "key") as journal:
-        journal.append(CandidateScore(-1, 0, 1.5, 2.5, 0.5))
-        journal.append(CandidateScore(-1, 1, 1.25, 2.25, 0.25))
+        journal.extend([CandidateScore(-1, 0, 1.5, 2.5, 0.5)])
+        journal.extend([CandidateScore(-1, 1, 1.25, 2.25, 0.25)])
     whole = path.read_bytes()
     last = whole.splitlines(keepends=True)[-1]
     for cut in (1, len(last) // 2, len(last) - 1):  # a crash mid-write; len - 1: the object but no newline
         path.write_bytes(whole[:-cut])
         assert list(read_journal(folder, "key")) == [(-1, 0)]
         with JournalWriter(path, "key") as journal:  # a resumed run appends after the cut
-            journal.append(CandidateScore(-1, 2, 3.5, 4.5, 1.5))
+            journal.extend([CandidateScore(-1, 2, 3.5, 4.5, 1.5)])
         assert list(read_journal(folder, "key")) == [(-1, 0), (-1, 2)]
         assert all(json.loads(line) for line in path.read_text().splitlines())
 
@@ -58,11 +58,11 @@ def test_a_torn_last_line_is_skipped_and_cut_before_the_next_record(tmp_path):
 def test_only_records_of_this_run_and_whole_lines_count(tmp_path):
     folder = tmp_path / artifacts.SELECTION_JOURNAL
     with JournalWriter(journal_file(folder, 1), "other") as journal:
-        journal.append(CandidateScore(-1, 0, 9.0, 9.0, 9.0))
+        journal.extend([CandidateScore(-1, 0, 9.0, 9.0, 9.0)])
     with JournalWriter(journal_file(folder, 1), "key") as journal:
-        journal.append(CandidateScore(-1, 1, 1.0, 1.0, 1.0))
+        journal.extend([CandidateScore(-1, 1, 1.0, 1.0, 1.0)])
     with JournalWriter(journal_file(folder, 0), "key") as journal:
-        journal.append(CandidateScore(-1, 1, 2.0, 2.0, 2.0))  # the same candidate in rank 0's file: it wins
+        journal.extend([CandidateScore(-1, 1, 2.0, 2.0, 2.0)])  # the same candidate in rank 0's file: it wins
     with journal_file(folder, 0).open("a") as f:
         f.write('{"run": "key", "position": -1, "layer": "2", "bypass_score": 1.0, "induce_score": 1.0, '
                 '"kl_score": 1.0}\nnot json\n[1, 2]\n')

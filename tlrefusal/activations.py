@@ -13,6 +13,7 @@ from torch import Tensor
 from hooks import MeanRecorder
 from hooks.ablation import HookFn
 from tlrefusal.chat import ChatFormat, left_pad
+from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import LoadedModel
 from tlrefusal.progress import Advance
 
@@ -124,7 +125,14 @@ def _variant_head_cache(model: LoadedModel, head: Sequence[int], hooks_for: RowH
             caches.append(_head_cache(model, head, len(variants)))
     if len(caches) == 1 or caches[0] is None:
         return caches[0]
-    merged = caches[0]  # more variants than rows in a batch: stack the passes' caches row-wise, layer by layer
+    # More variants than rows in a batch: stack the passes' caches row-wise, layer by layer. Only plain key/value
+    # layers hold nothing else that rows would need (indexer keys, recurrent states, shared layers do).
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    merged = caches[0]
+    if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in merged.layers):
+        raise TlrefusalError(f"this model's KV cache cannot be split into batches of {batch_size} rows across "
+                             f"{n_variants} candidates: give --candidates-per-pass <= --batch-size")
     for i, layer in enumerate(merged.layers):
         layer.keys = torch.cat([cache.layers[i].keys for cache in caches])
         layer.values = torch.cat([cache.layers[i].values for cache in caches])

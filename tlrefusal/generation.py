@@ -4,7 +4,7 @@ A reply stops at EOS or the template's end-of-turn token (`stop="turn"`, the def
 (`stop="eos"`, the original code, whose replies run on past Llama-3's <|eot_id|> or Gemma's <end_of_turn>;
 special tokens are stripped from the text either way).
 
-Every greedy generation in tlrefusal runs through `generate_batch`: Hugging Face's own `generate` on the
+Every greedy generation under hooks runs through `generate_batch`: Hugging Face's own `generate` on the
 bridge's `original_model`. The TransformerBridge wraps the Hugging Face modules in place, so their forward
 passes fire the bridge's hook points and whatever `bridge.hooks(...)` holds applies at every step, prompt
 and KV-cached steps alike; the decoding loop is transformers' own, which runs at plain `generate` speed
@@ -81,8 +81,10 @@ def generate_batch(model: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, ma
     `stop_ids` as in `greedy_tokens`; rows are padded with the tokenizer's pad id (as `ChatFormat.encode`
     pads)."""
     pad = model.tokenizer.pad_token_id
-    if pad is None:
+    if pad is None:  # padding after a stop is cut off; any id does
         pad = stop_ids[0] if stop_ids else model.tokenizer.eos_token_id
+    if pad is None:
+        pad = 0
     config = greedy_config(max_new_tokens, stop_ids, pad)
     out = model.bridge.original_model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                                generation_config=config)
@@ -113,6 +115,9 @@ def greedy_config(max_new_tokens: int, stop_ids: Sequence[int], pad_token_id: in
         repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
         encoder_no_repeat_ngram_size=0, guidance_scale=1.0, min_length=0, min_new_tokens=0, renormalize_logits=False,
         remove_invalid_values=False,
+        # What a checkpoint may set that would change the output's type or the decoding path.
+        return_dict_in_generate=False, output_scores=False, output_logits=False, output_attentions=False,
+        output_hidden_states=False, cache_implementation="dynamic", disable_compile=True,
     )
 
 

@@ -98,9 +98,6 @@ class JournalWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def append(self, score: CandidateScore) -> None:
-        self.extend([score])
-
     def extend(self, scores: Sequence[CandidateScore]) -> None:
         """One line per candidate, all in one write: a group of candidates scored together is journaled whole
         or (killed mid-write) with a torn tail that readers skip and the next writer cuts."""

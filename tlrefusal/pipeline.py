@@ -301,12 +301,19 @@ def _check_run_dir(run_dir: Path, identity: dict, force: bool) -> bool:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    """Names of the settings that differ, looking one level into the config."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if keys == ["config"]:
-        old_cfg, new_cfg = old.get("config", {}), new["config"]
-        keys = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
-    return keys
+    """Names of the settings that differ, down to the innermost ones ("config.selection.kl_threshold" is named
+    "selection.kl_threshold": the run's config is the level users set)."""
+    def walk(a: dict, b: dict, prefix: str) -> list[str]:
+        out = []
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                out += walk(x, y, f"{prefix}{k}.")
+            elif x != y:
+                out.append(f"{prefix}{k}")
+        return out
+
+    return [name.removeprefix("config.") for name in walk(old, new, "")]
 
 
 def _clear(run_dir: Path) -> None:

@@ -7,10 +7,10 @@ For each candidate r = r_i^(l) on the filtered validation sets:
 Discard NaN scores, layers >= int(L * (1 - 0.2)), kl > 0.1 and induce < 0; choose the minimum bypass.
 Candidates the layer filter drops are never scored (their scores stay NaN). `score_groups` scores any list
 of groups of candidates (`scored_keys` lists them in the one fixed order, `candidate_groups` cuts it into
-groups), so the pipeline can deal them out to several processes and journal each candidate as it is
+groups), so the pipeline can deal them out to several processes and journal each group as it is
 scored; `candidate_table` puts the scores back in order.
 
-Several candidates share each forward pass (`candidates_per_pass`, a layer's positions together): every
+Several candidates share each forward pass (`candidates_per_pass`, consecutive in layer-major order): every
 batch row carries its own candidate's direction, and the rows of all of them are batched by prompt length,
 which keeps matmuls long and cuts the padding (the prompts of one candidate alone differ in length by up
 to 3x). Which candidates share a pass is fixed by `candidate_groups`, whatever process scores them.
@@ -107,7 +107,8 @@ class SelectionResult:
     def from_json(cls, data: dict) -> "SelectionResult":
         return cls(candidates=tuple(CandidateScore.from_json(c) for c in data["candidates"]),
                    chosen=None if data["chosen"] is None else CandidateScore.from_json(data["chosen"]),
-                   config=SelectionConfig(**data["config"]))
+                   # selection.json files written before candidates per pass scored one at a time
+                   config=SelectionConfig(**{"candidates_per_pass": 1, **data["config"]}))
 
 
 def filter_reason(score: CandidateScore, n_layers: int, config: SelectionConfig) -> str | None:
@@ -227,6 +228,7 @@ def _score_group(model: LoadedModel, chat: ChatFormat, group: Sequence[Key], rs:
                  ) -> list[CandidateScore]:
     """The scores of the candidates `group` (directions `rs`, one row each), all in the same forward passes."""
     layers = [layer for _, layer in group]
+    rs = rs.to(model.device)  # once, not at every hook call
     # Harmful and harmless val share the ablation hooks: one stream of batches over both sets.
     ablated = variant_last_logits(model, chat, harmful_val + harmless_val,
                                   lambda rows: ablation_hooks(rs[rows], model.n_layers), len(group), batch_size)
