@@ -6,7 +6,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooks import sites
-from hooks.ops import compute_dtype, project_out, unit
+from hooks.ops import cast_once, compute_dtype, project_out, unit
 
 HookFn = Callable[[Tensor, object], Tensor]
 
@@ -20,10 +20,11 @@ def ablation_hook(direction: Float[Tensor, "*rows d_model"]) -> HookFn:
     activation's dtype, so a bf16 model is ablated as precisely as its activations allow.
     """
     unit_dir = unit(direction.detach().to(torch.float64))
+    on = cast_once(unit_dir)
 
     def hook(x: Tensor, hook: object) -> Tensor:
         dtype = compute_dtype(x.dtype)
-        return project_out(x.to(dtype), unit_dir.to(device=x.device, dtype=dtype)).to(x.dtype)
+        return project_out(x.to(dtype), on(x.device, dtype)).to(x.dtype)
 
     return hook
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from hooks import sites
 from hooks.ablation import HookFn
-from hooks.ops import add_scaled, compute_dtype
+from hooks.ops import add_scaled, cast_once, compute_dtype
 
 
 def addition_hook(vector: Float[Tensor, "*rows d_model"], coeff: float) -> HookFn:
@@ -17,11 +17,11 @@ def addition_hook(vector: Float[Tensor, "*rows d_model"], coeff: float) -> HookF
     """
     if vector.ndim not in (1, 2):
         raise ValueError(f"an activation-addition vector must be 1-D or one per row, got shape {tuple(vector.shape)}")
-    raw = vector.detach().to(torch.float64)
+    on = cast_once(vector.detach().to(torch.float64))
 
     def hook(x: Tensor, hook: object) -> Tensor:
         dtype = compute_dtype(x.dtype)
-        return add_scaled(x.to(dtype), raw.to(device=x.device, dtype=dtype), coeff).to(x.dtype)
+        return add_scaled(x.to(dtype), on(x.device, dtype), coeff).to(x.dtype)
 
     return hook
 

@@ -51,6 +51,20 @@ def add_scaled(
     return x + coeff * _against(vector, x)
 
 
+def cast_once(vector: Tensor):
+    """`on(device, dtype)`: `vector` on that device in that dtype, converted at the first call for each pair
+    and kept (a hook runs at every layer of every forward pass and every generated token)."""
+    copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def on(device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (device, dtype)
+        if key not in copies:
+            copies[key] = vector.to(device=device, dtype=dtype)
+        return copies[key]
+
+    return on
+
+
 def compute_dtype(activation_dtype: torch.dtype) -> torch.dtype:
     """Hooks compute in at least float32, whatever the model's dtype, then cast back."""
     return torch.promote_types(activation_dtype, torch.float32)
