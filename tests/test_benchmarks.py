@@ -175,7 +175,7 @@ def test_bench_selection_smoke(tiny_dirs, tmp_path):
     out = tmp_path / "selection.json"
     report = bench_selection.main(paper_data_flag() + ["--model", str(tiny_dirs["llama"]), "--n-train", "4",
                                                        "--n-val", "3", "--layers", "1", "--per-pass-sweep", "1,3",
-                                                       "--skip-growth", "--out", str(out)])
+                                                       "--batch-size", "2", "--skip-growth", "--out", str(out)])
     assert json.loads(out.read_text())["per_pass"] == report["per_pass"]
     one, three = report["per_pass"]
     assert one["max_abs_score_diff_from_one_per_pass"] == 0.0
@@ -183,9 +183,9 @@ def test_bench_selection_smoke(tiny_dirs, tmp_path):
     assert 0.0 <= three["padding"] < one["padding"] < 1.0
     assert one["gflop_per_candidate"] > 0 and three["gflop_per_candidate"] < one["gflop_per_candidate"]
 
-    class Chat:  # token lists of lengths 3, 5 and 4 after a shared 2-token head
+    class Chat:  # suffixes of lengths 3, 5 and 4 (each its own token) after a shared 2-token head
         def tokenize(self, prompts):
-            return [[1, 2] + [9] * int(p) for p in prompts]
+            return [[1, 2] + [int(p)] * int(p) for p in prompts]
 
     val = {"harmful": ["3"], "harmless": ["5", "4"]}
     # one per pass, batches of 2 rows sorted by length: ablation (3, 4) (5) -> padded 8 + 5 for 12 real tokens;
