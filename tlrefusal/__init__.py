@@ -11,7 +11,8 @@ use, so `import tlrefusal` stays light.
     ablation_hooks / addition_hooks     TransformerLens hooks: directional ablation, activation addition
     intervention_table(...)             baseline / ablation / actadd, as the paper evaluates them
     refusal_rate(model, prompts, ...)   greedy replies under an intervention, and the share that refuse
-    orthogonalize(run, out)             write the weight-orthogonalized Hugging Face checkpoint
+    orthogonalize(run, out)             write the weight-orthogonalized Hugging Face checkpoint (or
+                                        an out ending in .gguf: a GGUF rewritten from a GGUF model)
     evaluate(run, config)               refusal, safety, CE loss, coherence, magnitude -> EvalReport
 """
 from importlib import import_module

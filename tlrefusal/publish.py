@@ -1,8 +1,8 @@
 """Publishing what tlrefusal writes: build it under a temporary name beside the target, then rename.
 
 The one staged-write helper. Every file and folder the tool writes (run-folder artifacts, the download
-cache, the demo model, an orthogonalized checkpoint, the organism) goes through `atomic_file` or
-`staged_folder`, so a reader never sees a half-written result and an interrupted write leaves nothing
+cache, the demo model, an orthogonalized checkpoint, the organism) goes through `atomic_file`,
+`staged_folder` or `staged_files`, so a reader never sees a half-written result and an interrupted write leaves nothing
 behind. Temporary files and folders are created private (0600 / 0700); what is published gets the modes
 the user's umask gives any new file and folder, so a model written here can be read like one from the hub.
 """
@@ -53,6 +53,25 @@ def staged_folder(final: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def staged_files(finals: list[Path]) -> Iterator[Path]:
+    """Yield an empty private folder beside the files `finals` (all in one folder); when the block ends
+    normally, move each `folder / final.name` that was written to its `final` (replacing it), the first
+    of `finals` last, so the main artifact appears only once everything beside it is in place. If the block
+    raises, the folder is removed and nothing is published."""
+    parent = finals[0].parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{finals[0].name}.", dir=parent))
+    try:
+        yield staging
+        for final in reversed(finals):
+            if (staging / final.name).exists():
+                os.chmod(staging / final.name, 0o666 & ~_umask())
+                os.replace(staging / final.name, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -30,12 +30,26 @@ from tlrefusal.cli.common import (
 from tlrefusal.cli.render import out, render_comparison, render_eval, render_export
 
 
-@app.command(epilog="Example: tlrefusal orthogonalize runs/organism --out models/organism-orthogonalized")
+@app.command(epilog="Examples: tlrefusal orthogonalize runs/organism --out models/organism-orthogonalized  |  "
+                     "GGUF: tlrefusal orthogonalize RUN --model MODEL.Q4_1.gguf --out MODEL-orthogonalized.gguf")
 @guarded
 def orthogonalize(
     direction: Annotated[Path, typer.Argument(help="A run folder from `tlrefusal extract` or a direction file.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the Hugging Face checkpoint (must not exist or "
-                                                       "be empty).", rich_help_panel=OUTPUT_PANEL)],
+                                                       "be empty), or FILE.gguf for a GGUF file rewritten from a "
+                                                       "GGUF --model (its record: FILE.orthogonalization.json).",
+                                          rich_help_panel=OUTPUT_PANEL)],
+    out_format: Annotated[str, typer.Option("--format", metavar="auto|hf|gguf",
+                                            help="What --out is: auto follows its suffix (.gguf: gguf).",
+                                            rich_help_panel=OUTPUT_PANEL)] = "auto",
+    gguf_fallback_type: Annotated[str, typer.Option(
+        metavar="TYPE", help="GGUF: the type an edited tensor is written in when the gguf package cannot quantize "
+                             "its own (the K-quants): Q8_0, F16, F32, BF16, Q4_0, Q4_1, Q5_0 or Q5_1.",
+        rich_help_panel=OUTPUT_PANEL)] = "Q8_0",
+    gguf_edited_type: Annotated[str | None, typer.Option(
+        metavar="TYPE", help="GGUF: write every edited tensor in TYPE instead of its own (e.g. Q8_0 for a 4-bit "
+                             "file, where requantizing rounds about half of the edit back; the file grows).",
+        rich_help_panel=OUTPUT_PANEL)] = None,
     layer: Layer = None,
     position: Position = None,
     model: Annotated[str | None, typer.Option(help="The model to edit (default: the one the direction was "
@@ -67,9 +81,10 @@ def orthogonalize(
     cache_dir: CacheDir = None,
 ) -> None:
     """Project the refusal direction out of every weight that writes to the residual stream, and save a Hugging
-    Face checkpoint that `transformers` loads as it is (paper, Appendix E). --dtype, --device, --device-map,
-    --max-memory, --offload-folder: where the verification loads its models; the weights are edited as stored,
-    always from the full-precision checkpoint (a run extracted with --quantize included)."""
+    Face checkpoint that `transformers` loads as it is (paper, Appendix E), or, from a GGUF model, a GGUF file
+    for llama.cpp, Ollama or LM Studio (each edited tensor requantized to its own type). --dtype, --device,
+    --device-map, --max-memory, --offload-folder: where the verification loads its models; the weights are
+    edited as stored, always from the full-precision checkpoint (a run extracted with --quantize included)."""
     from tlrefusal.errors import TlrefusalError
     from tlrefusal.export import orthogonalize_direction
     from tlrefusal.placement import Placement
@@ -82,7 +97,9 @@ def orthogonalize(
                                      placement=placement, approximate=approximate,
                                      tied_embeddings=tied_embeddings,
                                      verify="none" if no_verify else verify or "full", force=force,
-                                     trust_remote_code=trust_remote_code, progress=RichProgress(console))
+                                     trust_remote_code=trust_remote_code, out_format=out_format,
+                                     gguf_fallback_type=gguf_fallback_type, gguf_edited_type=gguf_edited_type,
+                                     progress=RichProgress(console))
     render_export(result.record, result.out)
 
 

@@ -59,7 +59,11 @@ def render_organism(built) -> None:
 
 
 def render_export(record, folder: Path) -> None:
-    """What an export edited and how its verification came out (an ExportRecord)."""
+    """What an export edited and how its verification came out (an ExportRecord or a GGUFExportRecord)."""
+    from tlrefusal.export.gguf_export import GGUFExportRecord
+
+    if isinstance(record, GGUFExportRecord):
+        return render_gguf_export(record)
     d = record.direction
     out.print(f"orthogonalized {len(record.edited_tensors)} tensors of {record.source.spec} ({record.model_type}) "
               f"against the direction at layer {d.layer}, position {d.position}"
@@ -84,6 +88,41 @@ def render_export(record, folder: Path) -> None:
                   f"(tolerance {check.tolerance:.3g}, {check.dtype}); greedy continuations equal "
                   f"{check.greedy_equal}/{check.n_prompts}")
     out.print(f"checkpoint: {folder} (written in {record.seconds.total:.1f}s)")
+
+
+def render_gguf_export(record) -> None:
+    """A GGUF export: what it edited, which types changed, the size, and its verification."""
+    from tlrefusal.export.gguf_export import CONTROL_FACTOR, record_path
+
+    d = record.direction
+    out.print(f"orthogonalized {len(record.edited_tensors)} tensors of {record.source.name} ({record.architecture}) "
+              f"against the direction at layer {d.layer}, position {d.position}"
+              + (f"; added {', '.join(record.added_tensors)} (the untied unembedding)" if record.added_tensors else "")
+              + ("; edited the shared embedding and unembedding" if record.tied_embeddings == "shared" else ""))
+    if record.type_changes:
+        kinds = sorted({f"{c.source_type} -> {c.written_type}" for c in record.type_changes})
+        out.print(f"{len(record.type_changes)} tensors changed type ({', '.join(kinds)}: the gguf package cannot "
+                  "quantize their own type)")
+    change = record.written_bytes - record.source_bytes
+    out.print(f"size: {record.source_bytes / 2**20:.1f} MiB -> {record.written_bytes / 2**20:.1f} MiB "
+              f"({change / 2**20:+.1f} MiB)")
+    if record.weights is None:
+        out.print("[yellow]not verified[/] (--verify none)")
+    else:
+        w = record.weights
+        out.print(f"[bold green]verified weights[/]: metadata and {w.n_unedited} untouched tensors byte-equal; "
+                  f"{w.n_edited} edited tensors within their type's quantization error (at most "
+                  f"{w.max_bound_ratio:.2f} of the bound; edit error <= {w.max_edit_error:.3g}, component along "
+                  f"r <= {w.max_residual:.3g})")
+    if record.logits is not None:
+        c = record.logits
+        status = "[bold green]verified[/]" if c.passed else "[bold yellow]approximate[/]"
+        out.print(f"{status} in transformers: max |logit difference| vs {c.reference} of the dequantized source "
+                  f"{c.max_abs_logit_diff:.3g} (tolerance {c.tolerance:.3g} = "
+                  f"{CONTROL_FACTOR:g} x a random-direction control's "
+                  f"{record.control.max_abs_logit_diff:.3g}); greedy continuations equal "
+                  f"{c.greedy_equal}/{c.n_prompts}")
+    out.print(f"GGUF: {record.out} (record: {record_path(record.out).name}; written in {record.seconds.total:.1f}s)")
 
 
 def render_refusal(refusal: dict, max_new_tokens: int) -> None:

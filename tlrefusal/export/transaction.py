@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -26,6 +27,7 @@ from tlrefusal.export.checkpoint import (
     refuse_quantized,
     write_safetensors_streaming,
 )
+from tlrefusal.export.gguf_file import DEFAULT_FALLBACK
 from tlrefusal.export.record import ExportDirection, ExportRecord, ExportSeconds
 from tlrefusal.export.verify import VERIFY_PLACEMENT, Verification, VerifyMode, verify_export
 from tlrefusal.export.weights import TiedEmbeddings, WeightPlan, orthogonalize_tensor, weight_plan
@@ -35,8 +37,13 @@ from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Advance, Progress
 from tlrefusal.publish import staged_folder
 
+if TYPE_CHECKING:
+    from tlrefusal.export.gguf_export import GGUFExportResult
+
 # Files of a source folder that are weights (never copied; pickles are never even opened) or replaced.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+OutFormat = Literal["auto", "hf", "gguf"]
+OUT_FORMATS: tuple[OutFormat, ...] = ("auto", "hf", "gguf")
 _REPLACED = {artifacts.WEIGHTS_INDEX, artifacts.MODEL_CARD, artifacts.EXPORT_RECORD, artifacts.HF_CONFIG}
 
 
@@ -60,9 +67,17 @@ def orthogonalize_direction(
     verify: str | bool | VerifyMode = "full",
     force: bool = False,
     trust_remote_code: bool = False,
+    out_format: OutFormat = "auto",
+    gguf_fallback_type: str = DEFAULT_FALLBACK,
+    gguf_edited_type: str | None = None,
     progress: Progress = NO_PROGRESS,
-) -> ExportResult:
+) -> "ExportResult | GGUFExportResult":
     """`tlrefusal orthogonalize`: a run folder or direction file, and the model (default: the direction's).
+
+    `out_format` (OUT_FORMATS): "hf" writes a Hugging Face folder, "gguf" one GGUF file rewritten from a GGUF
+    source (`export.gguf_export`; its K-quant tensors written as `gguf_fallback_type`, every edited tensor as
+    `gguf_edited_type` if given), "auto" follows the
+    suffix of `out` (.gguf: gguf).
 
     With `layer` and `position`, the run's candidate there (any candidate selection scored) instead of the
     chosen direction; the record then names the run's candidates file. `placement` (device or device map,
@@ -75,6 +90,9 @@ def orthogonalize_direction(
     verify = VerifyMode.parse(verify)  # a bad mode or placement fails before the model is fetched
     _full_precision(placement)
     direction_path, out = Path(direction_path), Path(out)
+    out_format = resolve_format(out_format, out)
+    if out_format == "hf" and (gguf_edited_type is not None or gguf_fallback_type != DEFAULT_FALLBACK):
+        raise TlrefusalError("--gguf-fallback-type and --gguf-edited-type apply to a GGUF --out (FILE.gguf)")
     direction = artifacts.load_direction(direction_path, layer, position)
     if layer is not None:  # load_direction checked that a candidate comes from a run folder
         direction_file = direction_path / artifacts.CANDIDATES
@@ -83,6 +101,13 @@ def orthogonalize_direction(
     source = resolve_source(model or direction.model, cache_dir, progress)
     # The verification formats its prompts with the run's chat template (a run's --chat-template).
     chat_template = run_template(direction_path) if direction_path.is_dir() else None
+    if out_format == "gguf":
+        from tlrefusal.export.gguf_export import export_gguf
+
+        return export_gguf(source, direction, direction_file, out, approximate=approximate,
+                           tied_embeddings=tied_embeddings, fallback_type=gguf_fallback_type,
+                           edited_type=gguf_edited_type, verify=verify,
+                           force=force, chat_template=chat_template, placement=placement, progress=progress)
     return export_orthogonalized(source, direction, direction_file, out, approximate=approximate,
                                  chat_template=chat_template,
                                  tied_embeddings=tied_embeddings, verify=verify, force=force,
@@ -145,6 +170,15 @@ def export_orthogonalized(
     return ExportResult(out, record)
 
 
+def resolve_format(out_format: str, out: Path) -> OutFormat:
+    """"auto" -> "gguf" for an --out ending in .gguf, else "hf"; an unknown format is a one-line error."""
+    if out_format not in OUT_FORMATS:
+        raise TlrefusalError(f"unknown --format {out_format!r}; choose from {', '.join(OUT_FORMATS)}")
+    if out_format == "auto":
+        return "gguf" if out.suffix.lower() == ".gguf" else "hf"
+    return out_format
+
+
 def _full_precision(placement: Placement) -> None:
     """Export never loads a quantized model: the weights are edited as stored, the verification loads them so."""
     if placement.quantize is not None:
@@ -169,8 +203,8 @@ def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path,
     """Every check that needs no writing: the source's format (full precision), `out`, the direction's width,
     the architecture, and --verify layers:K's K."""
     if source.gguf_file:
-        raise TlrefusalError(f"{source.gguf_file} is a GGUF file; orthogonalize needs a Hugging Face folder with "
-                             "safetensors weights (the built-in smollm2 is its dequantized folder)")
+        raise TlrefusalError(f"{source.gguf_file} is a GGUF file: write a GGUF with --out FILE.gguf, or pass a "
+                             "Hugging Face folder with --model for a safetensors export")
     _check_out(source.path, out, force)
     refuse_quantized(source.path)
     checkpoint = read_checkpoint(source.path)

@@ -132,19 +132,22 @@ class Verification:
                    layers=data.get("layers"))
 
 
-def verification_dtype(folder: Path, dtype: str = AUTO_DTYPE) -> str:
-    """`dtype`, or for "auto" the dtype the checkpoint's config.json names (float32 if none we load)."""
-    from tlrefusal.model import ModelSource, resolve_dtype
+def verification_dtype(export: ModelSource, dtype: str = AUTO_DTYPE) -> str:
+    """`dtype`, or for "auto" the dtype the checkpoint's config.json names (float32 if none we load; a GGUF
+    file is dequantized to float32)."""
+    from tlrefusal.model import resolve_dtype
 
-    return resolve_dtype(ModelSource(str(folder), "local", folder), dtype)
+    return resolve_dtype(export, dtype)
 
 
 @torch.inference_mode()
-def verify_export(source: ModelSource, folder: Path, direction: artifacts.RefusalDirection,
+def verify_export(source: ModelSource, export: Path | ModelSource, direction: artifacts.RefusalDirection,
                   trust_remote_code: bool = False, progress: Progress = NO_PROGRESS, n_tokens: int = 16, *,
                   placement: Placement = VERIFY_PLACEMENT, layers: int | None = None,
-                  edited_unembedding: bool = False, chat_template: ChatTemplate | None = None) -> Verification:
-    """Compare the exported folder, loaded with plain `transformers`, with the source under ablation hooks.
+                  edited_unembedding: bool = False, chat_template: ChatTemplate | None = None,
+                  tolerance: float | None = None) -> Verification:
+    """Compare the export (a folder, or a GGUF file as a `ModelSource`), loaded with plain `transformers`,
+    with the source under ablation hooks.
 
     For each prompt of VERIFY_PROMPTS: greedy continuations of `n_tokens` from both, and the largest
     |logit difference| over every position of the prompt plus the exported model's continuation. Both
@@ -153,7 +156,8 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
     `layers` (--verify layers:K): both are loaded with num_hidden_layers=K, so only the embeddings, the
     first K blocks, the final norm and the unembedding are read; the comparison then covers exactly those
     tensors. `edited_unembedding` (an export whose tied unembedding was orthogonalized with the embedding):
-    the reference also has its unembedding orthogonalized.
+    the reference also has its unembedding orthogonalized. `tolerance`: the largest accepted |logit
+    difference| (default: LOGIT_TOLERANCE of the dtype; a quantized GGUF export measures its own).
     """
     from hooks import ablation_hooks
     from tlrefusal.chat import ChatFormat
@@ -161,13 +165,17 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
 
     if placement.quantize is not None:
         raise TlrefusalError("the verification loads full-precision models; it takes no quantization")
-    placement = replace(placement, dtype=verification_dtype(folder, placement.dtype))  # both loads alike
+    if isinstance(export, Path):
+        export = ModelSource(str(export), "local", export)
+    if layers is not None and (export.gguf_file or source.gguf_file):
+        raise TlrefusalError("--verify layers:K cuts Hugging Face folders; a GGUF file is verified whole (full)")
+    placement = replace(placement, dtype=verification_dtype(export, placement.dtype))  # both loads alike
     reference = EDITED_UNEMBEDDING if edited_unembedding else HOOK_ABLATION
-    with first_layers(folder, layers) as export_dir, first_layers(source.path, layers) as source_dir:
-        tokenizer = _tokenizer(source_dir, trust_remote_code)
+    with first_layers(export.path, layers) as export_dir, first_layers(source.path, layers) as source_dir:
+        tokenizer = _tokenizer(source_dir, trust_remote_code, source.gguf_file)
         chat = ChatFormat.from_tokenizer(tokenizer, chat_template)  # None: the tokenizer's own
         inputs = [chat.encode([prompt]) for prompt in VERIFY_PROMPTS]
-        plain = load_plain(export_dir, placement, trust_remote_code, progress)
+        plain = load_plain(export_dir, placement, trust_remote_code, progress, gguf_file=export.gguf_file)
         with progress.task("Running the export on the verification prompts", total=len(inputs)) as advance:
             outputs = [_run_plain(plain, ids, mask, chat, tokenizer.pad_token_id, n_tokens, advance)
                        for ids, mask in inputs]
@@ -186,7 +194,8 @@ def verify_export(source: ModelSource, folder: Path, direction: artifacts.Refusa
                 max_diff, greedy_equal = max(max_diff, diff), greedy_equal + equal
                 examples.append(example)
                 advance(1)
-    tolerance = LOGIT_TOLERANCE.get(DTYPES[placement.dtype], 1e-3)
+    if tolerance is None:
+        tolerance = LOGIT_TOLERANCE.get(DTYPES[placement.dtype], 1e-3)
     return Verification(dtype=placement.dtype, n_prompts=len(VERIFY_PROMPTS), n_tokens=n_tokens,
                         max_abs_logit_diff=max_diff, tolerance=tolerance, greedy_equal=greedy_equal,
                         passed=max_diff <= tolerance, examples=tuple(examples), reference=reference, layers=layers)
@@ -240,26 +249,29 @@ def _layers_key(data: dict) -> tuple[dict, str]:
     return part, "num_hidden_layers"
 
 
-def _tokenizer(folder: Path, trust_remote_code: bool):
+def _tokenizer(folder: Path, trust_remote_code: bool, gguf_file: str | None = None):
     """The tokenizer `load_model` gives the hooked source (left padding, a pad token)."""
     from transformers import AutoTokenizer
 
     from tlrefusal.model import prepare_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **extra)
     prepare_tokenizer(tokenizer)
     return tokenizer
 
 
-def load_plain(folder: Path, placement: Placement, trust_remote_code: bool, progress: Progress = NO_PROGRESS):
+def load_plain(folder: Path, placement: Placement, trust_remote_code: bool, progress: Progress = NO_PROGRESS,
+               gguf_file: str | None = None):
     """The export as a plain transformers model: `placement`'s dtype, on its device or device map."""
     from transformers import AutoModelForCausalLM
 
     from tlrefusal.model import resolve_device
 
-    with progress.task(f"Loading the export from {folder.name} with plain transformers", total=None):
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    with progress.task(f"Loading the export {gguf_file or folder.name} with plain transformers", total=None):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[placement.dtype],
-                                                     trust_remote_code=trust_remote_code,
+                                                     trust_remote_code=trust_remote_code, **extra,
                                                      **placement.load_kwargs()).eval()
         if not placement.dispatched:  # never .to() a dispatched model
             model.to(resolve_device(placement.device))

@@ -68,13 +68,14 @@ EDIT_BLOCK_BYTES = 64 * 2**20  # float32 rows edited at a time
 
 
 def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], axis: int,
-                         block_bytes: int = EDIT_BLOCK_BYTES) -> Tensor:
+                         block_bytes: int = EDIT_BLOCK_BYTES, inplace: bool = False) -> Tensor:
     """W' = W - r_hat r_hat^T W along `axis` (the d_model axis), computed in >= float32, cast back.
 
     `unit_dir` must already be normalised. A bias (1-D, axis 0) becomes b - (b . r_hat) r_hat. A matrix is
     edited a block of rows at a time (each row's own projection, so blocks do not change the result) into
     an output of its own dtype: memory is the tensor, its edited copy and one float32 block, so a bfloat16
-    model's export peaks near its largest tensor in float32, not twice that.
+    model's export peaks near its largest tensor in float32, not twice that. `inplace`: the edit is written
+    into `weight` itself (a matrix; the GGUF export's dequantized float32 copy), which is returned.
     """
     if weight.ndim not in (1, 2) or weight.shape[axis] != unit_dir.shape[0]:
         raise ValueError(f"axis {axis} of a {tuple(weight.shape)} tensor is not d_model={unit_dir.shape[0]}")
@@ -82,7 +83,7 @@ def orthogonalize_tensor(weight: Tensor, unit_dir: Float[Tensor, " d_model"], ax
     unit_dir = unit_dir.to(dtype)
     if weight.ndim == 1:
         return project_out(weight.to(dtype), unit_dir).to(weight.dtype)
-    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    out = weight if inplace else torch.empty_like(weight, memory_format=torch.contiguous_format)
     rows, out_rows = weight.movedim(axis, -1), out.movedim(axis, -1)  # [n, d_model] views
     step = max(1, block_bytes // (rows.shape[-1] * torch.empty((), dtype=dtype).element_size()))
     for start in range(0, rows.shape[0], step):
