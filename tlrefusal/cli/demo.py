@@ -90,6 +90,9 @@ def organism(
                                                      rich_help_panel="Recipe")] = None,
     device: Device = "cpu",
     force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.", rich_help_panel=OUTPUT_PANEL)] = False,
+    gguf: Annotated[Path | None, typer.Option(help="Also write the organism as a GGUF file in the demo GGUF's own "
+                                                  "layout (its metadata and tokenizer; matrices Q8_0), for "
+                                                  "llama.cpp.", rich_help_panel=OUTPUT_PANEL)] = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Safety-tune the demo model into a small model that refuses (a few minutes on a CPU; cached).
@@ -106,7 +109,21 @@ def organism(
              "n_self_instruct": n_self_instruct, "harmful_weight": harmful_weight, "wrap_fraction": wrap_fraction,
              "compute_dtype": compute_dtype}
     recipe = OrganismRecipe(**{k: v for k, v in given.items() if v is not None}, device_type=where.type)
-    render_organism(build_organism(recipe, out_dir, cache_dir, force, RichProgress(console), device=str(where)))
+    from tlrefusal.errors import TlrefusalError
+
+    if gguf is not None and (gguf.is_dir() or gguf.suffix.lower() != ".gguf"):
+        raise TlrefusalError(f"--gguf {gguf}: give a file name ending in .gguf")
+    built = build_organism(recipe, out_dir, cache_dir, force, RichProgress(console), device=str(where))
+    render_organism(built)
+    if gguf is not None:
+        from tlrefusal.demo import ensure_demo_gguf
+        from tlrefusal.export.gguf_layout import write_in_gguf_layout
+
+        progress = RichProgress(console)
+        layout = write_in_gguf_layout(built.folder, ensure_demo_gguf(cache_dir, progress), gguf, progress=progress)
+        out.print(f"GGUF ({layout.type_name}, the demo GGUF's layout): {layout.out}; in transformers its logits "
+                  f"differ from the organism's by at most {layout.max_abs_logit_diff:.3g}, next-token argmax "
+                  f"equal on {layout.argmax_equal}/{layout.n_prompts} prompts")
 
 
 @app.command("fetch-demo", epilog="Example: tlrefusal fetch-demo")
