@@ -83,8 +83,8 @@ class LoadWatch:
         self.events, self.plain_refs, self.placements = [], [], []
         real_plain = verify_module.load_plain
 
-        def plain(folder, placement, trust_remote_code, progress):
-            model = real_plain(folder, placement, trust_remote_code, progress)
+        def plain(folder, placement, trust_remote_code, progress, **kwargs):
+            model = real_plain(folder, placement, trust_remote_code, progress, **kwargs)
             self.plain_refs.append(weakref.ref(model))
             self.placements.append(placement)
             self.events.append(("plain", len(model.model.layers), model.config.num_hidden_layers))

@@ -30,7 +30,7 @@ from tlrefusal.cli.common import (
 from tlrefusal.cli.render import out, render_comparison, render_eval, render_export
 
 
-@app.command(epilog="Examples: tlrefusal orthogonalize runs/organism --out models/organism-orthogonalized  |  "
+@app.command(epilog="Example: tlrefusal orthogonalize runs/organism --out models/organism-orthogonalized  |  "
                      "GGUF: tlrefusal orthogonalize RUN --model MODEL.Q4_1.gguf --out MODEL-orthogonalized.gguf")
 @guarded
 def orthogonalize(

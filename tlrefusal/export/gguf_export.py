@@ -52,7 +52,7 @@ from tlrefusal.export.gguf_file import (
 )
 from tlrefusal.export.record import ExportDirection, ExportSeconds
 from tlrefusal.export.verify import LOGIT_TOLERANCE, VERIFY_PLACEMENT, Verification, VerifyMode, verify_export
-from tlrefusal.export.weights import TIED_EMBEDDINGS, TiedEmbeddings, orthogonalize_tensor
+from tlrefusal.export.weights import TIED_EMBEDDINGS, PlanRules, TiedEmbeddings, orthogonalize_tensor
 from tlrefusal.export.weights_check import WEIGHT_TOLERANCE, edit_measures
 from tlrefusal.model import ModelSource
 from tlrefusal.placement import Placement
@@ -80,7 +80,9 @@ class GGUFEdit:
 
 
 @dataclass(frozen=True)
-class GGUFPlan:
+class GGUFPlan(PlanRules):
+    """What orthogonalizing a GGUF file edits (`untie`: an output.weight is added; see `PlanRules`)."""
+
     architecture: str
     d_model: int
     n_layers: int
@@ -88,18 +90,6 @@ class GGUFPlan:
     tied: bool  # the source has no output.weight: its unembedding is the token embedding
     tied_embeddings: TiedEmbeddings | None  # what the export does with a tied unembedding; None if untied
     post_norms: tuple[str, ...]
-
-    @property
-    def adds_output(self) -> bool:
-        return self.tied_embeddings == "untie"
-
-    @property
-    def edits_unembedding(self) -> bool:
-        return self.tied_embeddings == "shared"
-
-    @property
-    def exact(self) -> bool:
-        return not self.post_norms
 
 
 def gguf_plan(file: GGUFFile, tied_embeddings: TiedEmbeddings = "untie", fallback_type: str = DEFAULT_FALLBACK,
@@ -223,7 +213,7 @@ def orthogonalized_tensors(file: GGUFFile, plan: GGUFPlan, unit: torch.Tensor, a
         edit = plan.edits.get(tensor.name)
         tensors.append(copied(file, tensor) if edit is None else
                        quantized(tensor.name, edit.written_type, tensor.shape, _edited(file, edit, unit, advance)))
-        if tensor.name == embed and plan.adds_output:
+        if tensor.name == embed and plan.untie:
             tensors.append(copied(file, tensor, OUTPUT))
     return tensors
 
@@ -352,7 +342,7 @@ def check_gguf_weights(source: GGUFFile, written: GGUFFile, plan: GGUFPlan, unit
     failures = [f"metadata {key}: missing or changed" for key, raw in source.raw_metadata.items()
                 if written.raw_metadata.get(key) != raw]
     failures += [f"metadata {key}: not in the source" for key in set(written.raw_metadata) - set(source.raw_metadata)]
-    added = {OUTPUT: gguf_name("TOKEN_EMBD")} if plan.adds_output else {}
+    added = {OUTPUT: gguf_name("TOKEN_EMBD")} if plan.untie else {}
     expected = list(source.tensors) + list(added)
     failures += [f"{name}: missing from the written file" for name in expected if name not in written.tensors]
     failures += [f"{name}: not in the source" for name in written.tensors if name not in expected]
@@ -476,13 +466,7 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
     check_gguf_out(source_file, out, force)
     file = read_gguf(source_file)
     plan = gguf_plan(file, tied_embeddings, fallback_type, edited_type)
-    if direction.vector.shape != (plan.d_model,):
-        raise TlrefusalError(f"the direction has shape {tuple(direction.vector.shape)}, but the model's residual "
-                             f"stream has width {plan.d_model}: it was extracted from another model")
-    if not plan.exact and not approximate:
-        raise TlrefusalError(f"{plan.architecture} puts a norm ({', '.join(plan.post_norms)}) between each output "
-                             "projection and the residual stream, so orthogonalized weights cannot equal hook "
-                             "ablation; pass --approximate to export anyway and record the measured gap")
+    plan.check(direction.vector.shape, plan.d_model, plan.architecture, approximate)
     unit = unit_vector(direction.vector.to(torch.float64)).to(torch.float32)
     with staged_files([out, record_path(out)]) as staging:
         t = time.perf_counter()
@@ -510,7 +494,7 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
             tool_version=__version__, source=source_file.resolve(), out=out.resolve(),
             direction=ExportDirection.of(direction, direction_file), architecture=plan.architecture,
             exact=plan.exact, tied_embeddings=plan.tied_embeddings, edited_tensors=tuple(plan.edits),
-            type_changes=changes, added_tensors=(OUTPUT,) if plan.adds_output else (),
+            type_changes=changes, added_tensors=(OUTPUT,) if plan.untie else (),
             fallback_type=fallback_type.upper(), source_bytes=source_file.stat().st_size,
             written_bytes=written_path.stat().st_size, verify=verify, weights=weights, logits=logits,
             control=control, seconds=ExportSeconds(write=round(write_seconds, 2), verify=verify_seconds,

@@ -209,13 +209,7 @@ def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path,
     refuse_quantized(source.path)
     checkpoint = read_checkpoint(source.path)
     plan = weight_plan(source.path, checkpoint.keys, trust_remote_code, tied_embeddings)
-    if direction.vector.shape != (plan.d_model,):
-        raise TlrefusalError(f"the direction has shape {tuple(direction.vector.shape)}, but the model's residual "
-                             f"stream has width {plan.d_model}: it was extracted from another model")
-    if not plan.exact and not approximate:
-        raise TlrefusalError(f"{plan.model_type} puts a norm ({', '.join(plan.post_norms)}) between each output "
-                             "projection and the residual stream, so orthogonalized weights cannot equal hook "
-                             "ablation; pass --approximate to export anyway and record the measured gap")
+    plan.check(direction.vector.shape, plan.d_model, plan.model_type, approximate)
     if verify.layers is not None and verify.layers > plan.n_layers:
         raise TlrefusalError(f"--verify layers:{verify.layers}: the model has {plan.n_layers} layers (choose K from "
                              f"1 to {plan.n_layers})")

@@ -34,23 +34,15 @@ TiedEmbeddings = Literal["untie", "shared"]
 TIED_EMBEDDINGS: tuple[TiedEmbeddings, ...] = ("untie", "shared")
 
 
-@dataclass(frozen=True)
-class WeightPlan:
-    """What orthogonalizing one architecture edits, in the checkpoint's own tensor names."""
+class PlanRules:
+    """What follows from a plan's `tied_embeddings` and `post_norms`, for the safetensors and GGUF exports."""
 
-    model_type: str
-    d_model: int
-    n_layers: int
-    edits: dict[str, int]  # checkpoint tensor name -> index of its d_model axis
-    embed_key: str
-    unembed_key: str
-    tied: bool  # the source's unembedding shares the embedding matrix
-    post_norms: tuple[str, ...]  # norms between a writer and the residual stream (Gemma-2/3, OLMo-2, GLM-4)
-    tied_embeddings: TiedEmbeddings | None = None  # what the export does with a tied unembedding; None if untied
+    tied_embeddings: "TiedEmbeddings | None"
+    post_norms: tuple[str, ...]
 
     @property
     def untie(self) -> bool:
-        """The export stores the original matrix apart as the unembedding and sets tie_word_embeddings false."""
+        """The export stores the original matrix apart as the unembedding (untied)."""
         return self.tied_embeddings == "untie"
 
     @property
@@ -62,6 +54,32 @@ class WeightPlan:
     def exact(self) -> bool:
         """Orthogonalization equals hook ablation only when every writer adds straight to the stream."""
         return not self.post_norms
+
+    def check(self, direction_shape: tuple[int, ...], d_model: int, architecture: str, approximate: bool) -> None:
+        """One-line errors before anything is written: a direction of another width, and a model whose norms
+        after the writers make the edit inexact unless --approximate."""
+        if tuple(direction_shape) != (d_model,):
+            raise TlrefusalError(f"the direction has shape {tuple(direction_shape)}, but the model's residual "
+                                 f"stream has width {d_model}: it was extracted from another model")
+        if not self.exact and not approximate:
+            raise TlrefusalError(f"{architecture} puts a norm ({', '.join(self.post_norms)}) between each output "
+                                 "projection and the residual stream, so orthogonalized weights cannot equal hook "
+                                 "ablation; pass --approximate to export anyway and record the measured gap")
+
+
+@dataclass(frozen=True)
+class WeightPlan(PlanRules):
+    """What orthogonalizing one architecture edits, in the checkpoint's own tensor names."""
+
+    model_type: str
+    d_model: int
+    n_layers: int
+    edits: dict[str, int]  # checkpoint tensor name -> index of its d_model axis
+    embed_key: str
+    unembed_key: str
+    tied: bool  # the source's unembedding shares the embedding matrix
+    post_norms: tuple[str, ...]  # norms between a writer and the residual stream (Gemma-2/3, OLMo-2, GLM-4)
+    tied_embeddings: TiedEmbeddings | None = None  # what the export does with a tied unembedding; None if untied
 
 
 EDIT_BLOCK_BYTES = 64 * 2**20  # float32 rows edited at a time
