@@ -427,3 +427,23 @@ def test_gpu_check_stops_a_check_at_its_budget_and_fails_it(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     assert report["failed"] == {"scale_8b": "failed: stopped at its 1 s budget (partial results kept)"}
     assert report["checks"]["scale_8b"]["budget_seconds"] == 1
+
+
+def test_bench_gguf_memory_smoke(tmp_path, monkeypatch):
+    """The GGUF edit's peak-memory benchmark on a tiny GGUF: it runs, and its bound is the issue's formula
+    recomputed here from the file (2 x the largest tensor in float32 + the metadata's bytes)."""
+    import bench_gguf_memory
+    import gguf
+
+    from tests.tiny_gguf import write_tiny_gguf
+
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q8_0", tied=True)
+    out = tmp_path / "mem.json"
+    monkeypatch.setattr(sys, "argv", ["bench_gguf_memory.py", "--gguf", str(src), "--out", str(out)])
+    bench_gguf_memory.main()
+    (case,) = json.loads(out.read_text())["cases"]
+    reader = gguf.GGUFReader(src)
+    largest = max(4 * int(t.n_elements) for t in reader.tensors)
+    metadata = sum(sum(int(p.nbytes) for p in f.parts) for k, f in reader.fields.items() if not k.startswith("GGUF."))
+    assert case["bound"] == 2 * largest + metadata
+    assert case["growth"] > 0 and case["edited_tensors"] == 5
