@@ -286,3 +286,17 @@ def test_gguf_edited_type_upgrades_only_the_edited_tensors(tmp_path):
     assert {c.name for c in result.record.type_changes} == {n for n in result.record.edited_tensors
                                                             if before[n] != "Q8_0"}
     assert result.record.written_bytes > result.record.source_bytes
+
+
+def test_quantization_steps_are_the_formats_own():
+    """The control's noise scale: Q8_0's step is its block's amax / 127, Q4_1's its block's range / 15 (ggml's
+    definitions), F16's a value's last-place unit."""
+    from tlrefusal.export.gguf_export import quantization_steps
+
+    rows = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
+    blocks = rows.reshape(3, 2, 32)
+    q8 = quantization_steps(rows, "Q8_0").reshape(3, 2, 32)
+    assert np.allclose(q8, np.abs(blocks).max(axis=2, keepdims=True) / 127)
+    q41 = quantization_steps(rows, "Q4_1").reshape(3, 2, 32)
+    assert np.allclose(q41, (blocks.max(axis=2, keepdims=True) - blocks.min(axis=2, keepdims=True)) / 15)
+    assert np.allclose(quantization_steps(rows, "F16"), np.abs(rows) / 1024)

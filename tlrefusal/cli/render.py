@@ -119,7 +119,7 @@ def render_gguf_export(record) -> None:
         status = "[bold green]verified[/]" if c.passed else "[bold yellow]approximate[/]"
         out.print(f"{status} in transformers: max |logit difference| vs {c.reference} of the dequantized source "
                   f"{c.max_abs_logit_diff:.3g} (tolerance {c.tolerance:.3g} = "
-                  f"{CONTROL_FACTOR:g} x a random-direction control's "
+                  f"{CONTROL_FACTOR:g} x a control's with fresh quantization noise: "
                   f"{record.control.max_abs_logit_diff:.3g}); greedy continuations equal "
                   f"{c.greedy_equal}/{c.n_prompts}")
     out.print(f"GGUF: {record.out} (record: {record_path(record.out).name}; written in {record.seconds.total:.1f}s)")

@@ -17,21 +17,24 @@ Verification (`--verify`, default full):
   own quantization error (`quantization_bound`: each value of a block may move by at most one step of
   the block's scale, which follows from the format's definition);
 - full: that, and the written file loaded with `transformers` (gguf_file=) against hook ablation of the
-  dequantized source. A quantized file cannot match float hooks exactly; the tolerance is measured, not
-  guessed: the same writer orthogonalizes the source against a random direction (a control whose only
-  difference from the reference is quantization of the same edit), the control's max |logit difference|
-  from hook ablation of that random direction is measured, and the tolerance is CONTROL_FACTOR times it
-  (at least the float32 tolerance). A file whose edit is wrong (a tensor left out, the wrong direction)
-  differs from hook ablation by the size of the ablation's own effect, far above that.
+  dequantized source. A quantized file cannot match float hooks exactly, and how far quantization noise
+  moves the logits depends on the model and on the direction (ablating a direction the stream leans on
+  makes the later norms amplify what is left), so the tolerance is measured on each run: a control file
+  is written with the same edit and each edited value moved by a uniform draw within half a quantization
+  step of its type before it is quantized (fresh rounding noise, about 1.4x the real file's), its max
+  |logit difference| from the same hook ablation is measured, and the tolerance is CONTROL_FACTOR times
+  it (at least the float32 tolerance). A random direction is no control: on the demo's Q4_1 file a
+  direction from its layer 1 moved the logits 17.4 where a random one moved them 5.6.
 """
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hooks.ops import unit as unit_vector
 from tlrefusal import __version__, artifacts
 from tlrefusal.chat_templates import ChatTemplate
 from tlrefusal.errors import TlrefusalError
@@ -59,7 +62,7 @@ from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.publish import staged_files
 
-CONTROL_FACTOR = 2.0  # tolerance = this x the random-direction control's max |logit difference|
+CONTROL_FACTOR = 2.0  # tolerance = this x the fresh-noise control's max |logit difference|
 CONTROL_SEED = 0
 RECORD_SUFFIX = ".orthogonalization.json"  # the record beside OUT.gguf: OUT.orthogonalization.json
 OUTPUT = "output.weight"
@@ -190,29 +193,41 @@ def quantized(name: str, type_name: str, shape: tuple[int, ...], values: Callabl
     return TensorOut(name, type_name, shape, produce)
 
 
-def _edited(file: GGUFFile, edit: GGUFEdit, unit: torch.Tensor, advance) -> Callable[[], np.ndarray]:
-    """The edited float32 values of one writer: dequantized into one buffer and edited in place."""
+def _edited(file: GGUFFile, edit: GGUFEdit, unit: torch.Tensor, advance,
+            dither: np.random.Generator | None = None) -> Callable[[], np.ndarray]:
+    """The edited float32 values of one writer: dequantized into one buffer and edited in place. `dither`
+    (the verification's control): each value then moves by a uniform draw within half a quantization step
+    of its written type (`quantization_steps`), so its quantization rounds afresh."""
     def values() -> np.ndarray:
         weight = torch.from_numpy(file.read_float(file.tensors[edit.name]))
         if weight.ndim == 1:
             weight = orthogonalize_tensor(weight, unit, 0)
         else:
             orthogonalize_tensor(weight, unit, edit.axis, block_bytes=ROW_CHUNK_BYTES, inplace=True)
+        array = weight.numpy()
+        if dither is not None:
+            rows = array.reshape(-1, array.shape[-1])
+            for start in range(0, len(rows), row_step(rows.shape[-1])):
+                piece = rows[start:start + row_step(rows.shape[-1])]
+                piece += (dither.random(piece.shape, dtype=np.float32) - 0.5) * quantization_steps(
+                    piece, edit.written_type)
         advance(1)
-        return weight.numpy()
+        return array
 
     return values
 
 
-def orthogonalized_tensors(file: GGUFFile, plan: GGUFPlan, unit: torch.Tensor, advance) -> list[TensorOut]:
+def orthogonalized_tensors(file: GGUFFile, plan: GGUFPlan, unit: torch.Tensor, advance,
+                           dither: np.random.Generator | None = None) -> list[TensorOut]:
     """The output file's tensors in the source's order: writers edited, the rest copied, and after the token
-    embedding its original bytes as output.weight when a tied unembedding is untied."""
+    embedding its original bytes as output.weight when a tied unembedding is untied. `dither`: see `_edited`."""
     embed = gguf_name("TOKEN_EMBD")
     tensors = []
     for tensor in file.tensors.values():
         edit = plan.edits.get(tensor.name)
         tensors.append(copied(file, tensor) if edit is None else
-                       quantized(tensor.name, edit.written_type, tensor.shape, _edited(file, edit, unit, advance)))
+                       quantized(tensor.name, edit.written_type, tensor.shape,
+                                 _edited(file, edit, unit, advance, dither)))
         if tensor.name == embed and plan.untie:
             tensors.append(copied(file, tensor, OUTPUT))
     return tensors
@@ -259,21 +274,33 @@ _STEPS = {"Q8_0": ("amax", 127), "Q4_0": ("amax", 8), "Q5_0": ("amax", 16), "Q4_
 MAX_MISMATCH = 1e-3
 
 
+# The rounding step of a float type relative to a value's magnitude (its unit in the last place).
+_FLOAT_ULP = {"F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7}
+
+
+def quantization_steps(rows: np.ndarray, type_name: str) -> np.ndarray:
+    """The quantization step of `type_name` at each value of `rows` [n, row length] (float32): its block's
+    step for block types (`_STEPS`), its own last-place unit for float types."""
+    if type_name not in _STEPS:
+        return np.abs(rows) * np.float32(_FLOAT_ULP[type_name])
+    import gguf
+
+    measure, levels = _STEPS[type_name]
+    block, _ = gguf.GGML_QUANT_SIZES[qtype(type_name)]
+    blocks = rows.reshape(len(rows), -1, block)
+    scale = np.abs(blocks).max(axis=2) if measure == "amax" else blocks.max(axis=2) - blocks.min(axis=2)
+    return np.repeat(scale / np.float32(levels), block, axis=1).astype(np.float32)
+
+
 def quantization_bound(file: GGUFFile, tensor: GGUFTensor, type_name: str) -> float:
     """The largest relative Frobenius error |Q(W) - W| / |W| that quantizing the values of `tensor` to
     `type_name` can make: one step per value for block types, the rounding tolerance for float types."""
     if type_name not in _STEPS:
         return WEIGHT_TOLERANCE.get(type_name, WEIGHT_TOLERANCE["F16"])
-    import gguf
-
-    measure, levels = _STEPS[type_name]
-    block, _ = gguf.GGML_QUANT_SIZES[qtype(type_name)]
     step_sq = value_sq = 0.0
     for _, rows in file.iter_float_rows(tensor):
-        blocks = rows.astype(np.float64).reshape(-1, block)
-        scale = np.abs(blocks).max(axis=1) if measure == "amax" else blocks.max(axis=1) - blocks.min(axis=1)
-        step_sq += block * float(((scale / levels) ** 2).sum())
-        value_sq += float((blocks ** 2).sum())
+        step_sq += float((quantization_steps(rows, type_name).astype(np.float64) ** 2).sum())
+        value_sq += float((rows.astype(np.float64) ** 2).sum())
     return float(np.sqrt(step_sq / value_sq)) if value_sq else 0.0
 
 
@@ -409,7 +436,7 @@ class GGUFExportRecord:
     verify: VerifyMode
     weights: GGUFWeightsCheck | None
     logits: Verification | None  # the written file (transformers) against hook ablation of the source
-    control: Verification | None  # the random-direction control that set `logits.tolerance`
+    control: Verification | None  # the fresh-noise control that set `logits.tolerance`
     seconds: ExportSeconds
 
     def to_json(self) -> dict:
@@ -450,8 +477,6 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
                 placement: Placement = VERIFY_PLACEMENT, progress: Progress = NO_PROGRESS) -> GGUFExportResult:
     """Orthogonalize the GGUF `source` against `direction` into the GGUF file `out` (and its record beside
     it). Raises TlrefusalError, leaving nothing new at `out`, for bad input or a failed verification."""
-    from hooks.ops import unit as unit_vector
-
     started = time.perf_counter()
     verify = VerifyMode.parse(verify)
     if verify.kind == "layers":
@@ -485,7 +510,7 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
                 if not logits.passed and plan.exact:
                     raise TlrefusalError(f"verification failed: max |logit difference| from hook ablation "
                                          f"{logits.max_abs_logit_diff:.3g} > tolerance {logits.tolerance:.3g} "
-                                         f"({CONTROL_FACTOR:g} x the random-direction control's "
+                                         f"({CONTROL_FACTOR:g} x the fresh-noise control's "
                                          f"{control.max_abs_logit_diff:.3g}); nothing was written to {out}")
             verify_seconds = round(time.perf_counter() - t, 2)
         changes = tuple(TypeChange(e.name, e.source_type, e.written_type) for e in plan.edits.values()
@@ -503,26 +528,26 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
     return GGUFExportResult(out, record)
 
 
-def _write(file: GGUFFile, plan: GGUFPlan, unit: torch.Tensor, path: Path, what: str, progress: Progress) -> None:
+def _write(file: GGUFFile, plan: GGUFPlan, unit: torch.Tensor, path: Path, what: str, progress: Progress,
+           dither: np.random.Generator | None = None) -> None:
     with progress.task(what, total=len(plan.edits)) as advance:
         write_gguf(path, file.version, file.alignment, list(file.raw_metadata.values()),
-                          orthogonalized_tensors(file, plan, unit, advance))
+                   orthogonalized_tensors(file, plan, unit, advance, dither))
 
 
 def _verify_logits(source: ModelSource, file: GGUFFile, plan: GGUFPlan, direction: artifacts.RefusalDirection,
                    staging: Path, written: Path, chat_template: ChatTemplate | None, placement: Placement,
                    progress: Progress) -> tuple[Verification, Verification]:
-    """The random-direction control (written, measured, deleted), then the written file with its tolerance."""
-    from hooks.ops import unit as unit_vector
-
-    generator = torch.Generator().manual_seed(CONTROL_SEED)
-    random = unit_vector(torch.randn(plan.d_model, generator=generator, dtype=torch.float64))
+    """The control (written with fresh quantization noise, measured, deleted), then the written file with the
+    tolerance the control sets."""
+    unit = unit_vector(direction.vector.to(torch.float64)).to(torch.float32)
     control_path = staging / f"control-{written.name}"
-    _write(file, plan, random.to(torch.float32), control_path, "Writing the random-direction control", progress)
+    _write(file, plan, unit, control_path, "Writing the control (fresh quantization noise)", progress,
+           dither=np.random.default_rng(CONTROL_SEED))
     common = dict(placement=placement, edited_unembedding=plan.edits_unembedding, chat_template=chat_template,
                   progress=progress)
     control = verify_export(source, ModelSource(control_path.name, "gguf", staging, gguf_file=control_path.name),
-                            replace(direction, vector=random), **common)
+                            direction, **common)
     control_path.unlink()
     tolerance = max(LOGIT_TOLERANCE[torch.float32], CONTROL_FACTOR * control.max_abs_logit_diff)
     logits = verify_export(source, ModelSource(written.name, "gguf", staging, gguf_file=written.name), direction,
