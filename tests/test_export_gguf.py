@@ -8,6 +8,7 @@ format); the file loaded with plain transformers against hook ablation written o
 hooks on the source; and bad input leaving nothing behind.
 """
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from tests.tiny_gguf import read_gguf_types, write_tiny_gguf
 from tlrefusal.artifacts import RefusalDirection
 from tlrefusal.cli import app
 from tlrefusal.errors import TlrefusalError
-from tlrefusal.export.gguf_export import export_gguf, record_path
+from tlrefusal.export import gguf_export
+from tlrefusal.export.gguf_export import CONTROL_FACTOR, export_gguf, record_path
 from tlrefusal.model import ModelSource
 
 # Per-value error of one requantization, in units of the block's step (ggml's definitions: Q8_0 d = amax/127;
@@ -177,9 +179,40 @@ def test_gguf_full_verification_measures_its_tolerance(tmp_path):
     result = export(src, direction_for(64, seed=1), tmp_path / "edited.gguf", verify="full")
     record = result.record
     assert record.weights.passed and record.logits.passed
-    assert record.logits.tolerance == pytest.approx(max(1e-3, 2 * record.control.max_abs_logit_diff))
+    assert record.exact_check.passed and record.exact_check.max_abs_logit_diff <= 1e-3
+    assert record.logits.tolerance == pytest.approx(max(1e-3, CONTROL_FACTOR * record.control.max_abs_logit_diff))
     assert record.control.max_abs_logit_diff > 0  # Q8_0 requantization is not free
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the staging folder is gone
+
+
+def test_gguf_full_verification_fails_a_plan_that_misses_a_writer(tmp_path, monkeypatch):
+    """A writer the plan does not know (here: every FFN down projection dropped from it, as an architecture
+    with an extra writer would be) passes the weights check, which reads the plan, but not the exactness
+    check, whose hooks ablate the stream itself; nothing is left behind."""
+    real_plan = gguf_export.gguf_plan
+
+    def missing_down(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        return replace(plan, edits={n: e for n, e in plan.edits.items() if "ffn_down" not in n})
+
+    monkeypatch.setattr(gguf_export, "gguf_plan", missing_down)
+    src = write_tiny_gguf(tmp_path / "src.gguf", "llama", "Q8_0", tied=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(TlrefusalError, match="not edited, or edited wrongly"):
+        export(src, direction_for(64, seed=1), tmp_path / "edited.gguf", verify="full")
+    assert _nothing_new(tmp_path, before)
+
+
+def test_gguf_alignment_of_the_source_is_kept(tmp_path):
+    src = write_tiny_gguf(tmp_path / "src.gguf", "gpt2", "Q8_0", tied=True, alignment=64)
+    out = tmp_path / "edited.gguf"
+    export(src, direction_for(64), out, verify="weights")
+    import gguf
+
+    reader = gguf.GGUFReader(out)
+    assert reader.alignment == 64 and reader.data_offset % 64 == 0
+    assert all((t.data_offset - reader.data_offset) % 64 == 0 for t in reader.tensors)
+    assert metadata_bytes(out) == metadata_bytes(src)
 
 
 def test_gguf_shared_keeps_one_matrix(tmp_path):
@@ -275,7 +308,12 @@ def test_checkpoint_written_in_a_gguf_layout_loads_as_itself(tmp_path):
     assert read_gguf_types(result.out)["blk.0.attn_q.weight"] == "F32"
 
 
-def test_gguf_edited_type_upgrades_only_the_edited_tensors(tmp_path):
+def test_gguf_edited_type_upgrades_only_the_edited_matrices(tmp_path):
+    gpt2 = write_tiny_gguf(tmp_path / "gpt2.gguf", "gpt2", "Q8_0", tied=True)
+    result = export(gpt2, direction_for(64), tmp_path / "gpt2-f16.gguf", edited_type="F16", verify="weights")
+    types = read_gguf_types(tmp_path / "gpt2-f16.gguf")
+    assert {types[n] for n in result.record.edited_tensors if n.endswith(".bias")} == {"F32"}  # 1-D stays F32
+    assert {types[n] for n in result.record.edited_tensors if n.endswith(".weight")} == {"F16"}
     src = write_tiny_gguf(tmp_path / "src.gguf", "llama", "Q4_1", tied=True)
     out = tmp_path / "q8.gguf"
     result = export(src, direction_for(64), out, edited_type="Q8_0", verify="weights")

@@ -119,7 +119,7 @@ def _tokenizer_fields(writer: gguf.GGUFWriter, family: str) -> int:
 
 
 def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", tied: bool = True, seed: int = 0,
-                    family: str = "qwen") -> Path:
+                    family: str = "qwen", alignment: int | None = None) -> Path:
     """A tiny random model as a GGUF file at `path` (returned).
 
     arch: "llama" (GQA: 4 query heads, 2 key/value heads) or "gpt2" (position embeddings, biases on
@@ -127,7 +127,7 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", tied: 
     position_embd and the unembedding included; 1-D tensors (norms, biases) stay F32. tied=True: no
     output.weight (the unembedding shares token_embd); tied=False: a separate output.weight. family: the
     chat family of the tokenizer (`tests.tiny.FAMILIES`). Weights have std ~0.05; norm gains are uniform in
-    0.5..1.5.
+    0.5..1.5. alignment: a general.alignment other than GGUF's default 32.
     """
     if arch not in ARCHES:
         raise ValueError(f"arch {arch!r}: choose from {ARCHES}")
@@ -139,6 +139,8 @@ def write_tiny_gguf(path: Path, arch: str = "llama", qtype: str = "Q8_0", tied: 
     head_dim = d_model // N_HEAD
 
     writer = gguf.GGUFWriter(path, arch)
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
     writer.add_name(f"tiny-{arch}")
     writer.add_file_type(FILE_TYPES[qtype])
     vocab_size = _tokenizer_fields(writer, family)

