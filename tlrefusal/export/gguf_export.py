@@ -98,8 +98,8 @@ class GGUFPlan(PlanRules):
     d_model: int
     n_layers: int
     edits: dict[str, GGUFEdit]
-    tied: bool  # the source has no output.weight: its unembedding is the token embedding
-    tied_embeddings: TiedEmbeddings | None  # what the export does with a tied unembedding; None if untied
+    # What the export does with a tied unembedding (the source has no output.weight); None if untied.
+    tied_embeddings: TiedEmbeddings | None
     post_norms: tuple[str, ...]
 
 
@@ -173,7 +173,7 @@ def gguf_plan(file: GGUFFile, tied_embeddings: TiedEmbeddings = "untie", fallbac
     if tied_embeddings == "shared" and not tied:
         raise TlrefusalError(f"--tied-embeddings shared: {file.path.name} has its own {OUTPUT}, so there is no "
                              "shared matrix to edit; drop the option")
-    return GGUFPlan(architecture=arch, d_model=d_model, n_layers=n_layers, edits=edits, tied=tied,
+    return GGUFPlan(architecture=arch, d_model=d_model, n_layers=n_layers, edits=edits,
                     tied_embeddings=tied_embeddings if tied else None, post_norms=post_norms)
 
 
@@ -310,22 +310,15 @@ def requantization_mismatch(source: GGUFFile, written: GGUFFile, name: str, axis
     edited tensor from an unedited one even at 4 bits, where the edit is smaller than a quantization step."""
     src, out = source.tensors[name], written.tensors[name]
     r = unit.to(torch.float64).numpy()
-    w_all = None
-    if len(src.shape) == 1:
-        w_all = source.read_float(src).astype(np.float64)
-        pieces = [(0, (w_all - (w_all @ r) * r)[None], written.read_float(out)[None])]
-    else:
-        if axis == 0:  # r_hat^T W needs every row first
-            proj = sum((r[start:start + len(rows)] @ rows.astype(np.float64)
-                        for start, rows in source.iter_float_rows(src)), np.zeros(src.shape[-1]))
-        pieces = ((start, rows.astype(np.float64), None) for start, rows in source.iter_float_rows(src))
+    axis = 1 if len(src.shape) == 1 else axis  # a bias is one row along d_model
+    if axis == 0:  # r_hat^T W needs every row first
+        proj = sum((r[start:start + len(rows)] @ rows.astype(np.float64)
+                    for start, rows in source.iter_float_rows(src)), np.zeros(src.shape[-1]))
     differ = total = 0
-    for start, w, mine in pieces:
-        if w_all is None:
-            ref = w - np.outer(w @ r, r) if axis == 1 else w - np.outer(r[start:start + len(w)], proj)
-            mine = dequantize_rows(written.read_bytes(out, start, start + len(w)), out.type_name, out.shape[-1])
-        else:
-            ref = w
+    for start, rows in source.iter_float_rows(src):
+        w = rows.astype(np.float64)
+        ref = w - np.outer(w @ r, r) if axis == 1 else w - np.outer(r[start:start + len(w)], proj)
+        mine = dequantize_rows(written.read_bytes(out, start, start + len(w)), out.type_name, out.shape[-1])
         expected = dequantize_rows(quantize_rows(ref.astype(np.float32), type_name), type_name, ref.shape[-1])
         differ += int((expected != mine).sum())
         total += expected.size

@@ -106,23 +106,24 @@ def write_in_gguf_layout(folder: Path, template: Path, out: Path, type_name: str
 
 
 def _compare(folder: Path, out: Path, progress: Progress) -> tuple[float, int, int]:
+    """(max |logit difference|, prompts whose next-token argmax agrees, prompts): the GGUF file against the
+    checkpoint, both loaded with plain transformers in float32 on the CPU, one after the other."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tlrefusal.chat import ChatFormat
-    from tlrefusal.export.verify import VERIFY_PROMPTS
-    from tlrefusal.model import prepare_tokenizer
+    from tlrefusal.export.verify import VERIFY_PROMPTS, _tokenizer, load_plain
+    from tlrefusal.model import release_memory
+    from tlrefusal.placement import Placement
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    prepare_tokenizer(tokenizer)
-    chat = ChatFormat.from_tokenizer(tokenizer)
-    with progress.task("Comparing the GGUF file with the checkpoint in transformers", total=None), \
-            torch.inference_mode():
-        logits = []
-        for path, extra in ((folder, {}), (out.parent, {"gguf_file": out.name})):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+    chat = ChatFormat.from_tokenizer(_tokenizer(folder, trust_remote_code=False))
+    placement = Placement(dtype="float32", device="cpu")
+    logits = []
+    with torch.inference_mode():
+        for path, gguf_file in ((folder, None), (out.parent, out.name)):
+            model = load_plain(path, placement, False, progress, gguf_file=gguf_file)
             logits.append([model(input_ids=chat.encode([p])[0]).logits[0].float() for p in VERIFY_PROMPTS])
             del model
+            release_memory()
     diff = max((a - b).abs().max().item() for a, b in zip(*logits, strict=True))
     equal = sum(int(a[-1].argmax() == b[-1].argmax()) for a, b in zip(*logits, strict=True))
     return diff, equal, len(VERIFY_PROMPTS)
