@@ -22,6 +22,7 @@ from tlrefusal.activations import batches
 from tlrefusal.chat import ChatFormat
 from tlrefusal.model import LoadedModel
 from tlrefusal.progress import Advance
+from tlrefusal.reasoning import find_markers, marker_token_ids
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -134,8 +135,24 @@ def stop_tokens(chat: ChatFormat, tokenizer, stop: str) -> list[int]:
 def decode_reply(tokenizer, tokens: list[int], stop_ids: Sequence[int]) -> str:
     """A reply's text: its tokens before the first stop token, special tokens stripped, whitespace trimmed.
     Every backend decodes with this one function (`tlrefusal.evaluation.backends`), so equal tokens make
-    equal completions files."""
-    return tokenizer.decode(until_stop(tokens, stop_ids), skip_special_tokens=True).strip()
+    equal completions files. A reasoning block's markers (`tlrefusal.reasoning`) stay even where the tokenizer
+    registers them as special tokens, so the judge can tell the reasoning from the answer (Qwen3's and the
+    R1 distills' '<think>' are not special, and decode as text anyway)."""
+    kept = until_stop(tokens, stop_ids)
+    markers = _special_marker_ids(tokenizer) & set(kept)
+    if markers:
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        kept = [t for t in kept if t in markers or t not in special]
+        return tokenizer.decode(kept, skip_special_tokens=False).strip()
+    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def _special_marker_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's reasoning markers that are special tokens (decoding would strip them)."""
+    ids = marker_token_ids(tokenizer, find_markers(tokenizer, ""))
+    if not ids:
+        return set()
+    return ids & ({i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids))
 
 
 def until_stop(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:

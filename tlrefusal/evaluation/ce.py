@@ -1,8 +1,9 @@
 """CE loss per dataset and intervention (the paper's Table 9): baseline, ablation, activation addition of -r.
 
 Datasets: "pile" and "alpaca" (`ce_data`), and "on-distribution", the evaluated model's own baseline
-completions of the harmless prompts. A hub dataset out of reach is reported unavailable; a local file
-the user named that cannot be used is an error.
+completions of the harmless prompts: of a reasoning model's completions, the final answer is scored, with its
+reasoning in context (`tlrefusal.reasoning`), and a completion whose reasoning never closed is left out. A hub
+dataset out of reach is reported unavailable; a local file the user named that cannot be used is an error.
 """
 import torch
 
@@ -16,6 +17,7 @@ from tlrefusal.evaluation.per_intervention import PerIntervention
 from tlrefusal.interventions import Intervention, InterventionTable, intervention_table
 from tlrefusal.model import LoadedModel
 from tlrefusal.progress import Progress
+from tlrefusal.reasoning import split_reply
 
 # One dataset's CE loss under each intervention, or why it is unavailable.
 CeDataset = PerIntervention[CeLoss]
@@ -55,8 +57,10 @@ def ce_losses(model: LoadedModel, chat: ChatFormat, interventions: tuple[Interve
 def ce_sequences(dataset: str, model: LoadedModel, chat: ChatFormat, on_distribution: list[Completion],
                  config: EvalConfig) -> list[LossSequence]:
     """The scored sequences of one dataset (sequences with nothing to score are left out)."""
-    if dataset == "on-distribution":  # the model's own baseline replies to the harmless prompts
-        sequences = [reply_sequence(chat, row.prompt, row.completion) for row in on_distribution]
+    if dataset == "on-distribution":  # the model's own baseline replies to the harmless prompts: their answers
+        parts = [(row, split_reply(row.completion, chat.markers, chat.opens_block)) for row in on_distribution]
+        sequences = [reply_sequence(chat, row.prompt, row.completion, part.answer_start) for row, part in parts
+                     if part.closed]
     elif dataset == "alpaca":
         pairs = alpaca_pairs(config.alpaca, config.ce_n, config.seed)
         sequences = [reply_sequence(chat, instruction, output) for instruction, output in pairs]

@@ -4,7 +4,7 @@ RUN/eval/completions/<set>.<intervention>.jsonl holds one {"prompt", "category",
 <set>.<intervention>.json beside it records what produced them (`CompletionSetup` plus the intervention and
 a hash of the prompts). A later evaluation whose record is equal reuses the completions instead of
 generating them again; any difference (another model, direction, reply length, stop rule, dtype, device,
-device map, quantization or backend) regenerates.
+device map, quantization, backend, system prompt or template variables) regenerates.
 """
 import hashlib
 import json
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tlrefusal import artifacts
+from tlrefusal.chat import ChatOptions, run_options
 from tlrefusal.data import Prompt, prompts_hash, read_text
 from tlrefusal.evaluation.backends import Generator
 from tlrefusal.evaluation.config import EvalConfig
@@ -41,7 +42,8 @@ class CompletionSetup:
 
     `overrides` holds only what differs from the run's own setup and the defaults (a candidate direction
     picked by layer and position, another dtype or device, a device map, a quantization, stopping at EOS
-    only, the vLLM backend and its tensor parallelism), so completions recorded without any override stay
+    only, the vLLM backend and its tensor parallelism, a system prompt or template variables other than the
+    run's), so completions recorded without any override stay
     reusable.
     """
 
@@ -56,6 +58,13 @@ class CompletionSetup:
         return {"model": self.model, "hooked": self.hooked, "direction_sha256": self.direction_sha256,
                 "max_new_tokens": self.max_new_tokens, **dict(self.overrides), "intervention": intervention,
                 "prompts_sha256": prompts_hash(prompts)}
+
+
+def eval_chat_options(run_dir: Path, config: EvalConfig) -> ChatOptions:
+    """The system prompt and template variables the evaluation renders prompts with: the run's, each replaced
+    where `config` gives one (what `ChatFormat.for_run(run_dir, tokenizer, config.system_prompt,
+    config.chat_template_kwargs)` renders)."""
+    return run_options(run_dir).override(config.system_prompt, config.chat_template_kwargs)
 
 
 def completion_setup(run_dir: Path, run_config: dict, config: EvalConfig, source: ModelSource,
@@ -80,6 +89,9 @@ def completion_setup(run_dir: Path, run_config: dict, config: EvalConfig, source
     if config.backend != "bridge":  # other kernels, other batching: greedy replies may differ
         overrides["backend"] = config.backend
         overrides["tensor_parallel"] = config.tensor_parallel
+    chat = eval_chat_options(run_dir, config)
+    if chat != run_options(run_dir):  # another system prompt or template variables: other prompts
+        overrides["chat"] = chat.to_json()
     return CompletionSetup(model=source.to_json()["loaded_from"], hooked=config.model is None,
                            direction_sha256=digest, max_new_tokens=config.max_new_tokens,
                            overrides=tuple(overrides.items()))

@@ -7,6 +7,7 @@ config, with `paper`, is recorded in RUN/eval/report.json.
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from tlrefusal.chat import TemplateKwargs, format_template_kwargs, parse_template_kwargs
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.evaluation.coherence import DEFAULT_TASKS
 from tlrefusal.model import check_dtype, resolve_device
@@ -68,8 +69,14 @@ class EvalConfig:
     guard_dtype: str | None = None
     backend: str = "bridge"  # see BACKENDS
     tensor_parallel: int = 1  # GPUs per vLLM engine (--backend vllm)
+    # The prompts' system message and template variables (`tlrefusal.chat.ChatOptions`); None: the run's (its
+    # manifest). system_prompt: "default" (none passed), "none" (an empty one) or the text.
+    system_prompt: str | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
 
     def __post_init__(self) -> None:
+        if self.chat_template_kwargs is not None:  # canonical pairs, also from a report's spelling
+            object.__setattr__(self, "chat_template_kwargs", parse_template_kwargs(self.chat_template_kwargs))
         if self.coherence_limit is not None and self.coherence_limit < 1:
             raise TlrefusalError(f"coherence_limit must be at least 1 (or None for all), got {self.coherence_limit}")
         for name in ("n", "max_new_tokens", "batch_size", "ce_n"):
@@ -123,6 +130,8 @@ class EvalConfig:
     def to_json(self) -> dict:
         data = asdict(self)
         data["guard_model"] = str(self.guard_model) if self.guard_model else None
+        if self.chat_template_kwargs is not None:  # spelled as the flag takes it, as in a run's config.json
+            data["chat_template_kwargs"] = format_template_kwargs(self.chat_template_kwargs) or "none"
         return data
 
     @classmethod

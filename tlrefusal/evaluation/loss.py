@@ -39,13 +39,21 @@ def text_sequence(tokenizer, text: str, max_tokens: int = PILE_MAX_TOKENS) -> Lo
     return LossSequence(ids, 1) if len(ids) >= 2 else None
 
 
-def reply_sequence(chat: ChatFormat, instruction: str, reply: str) -> LossSequence | None:
-    """Instruction in chat format + reply, tokenized as one string; the tokens after the first eoi run count.
+def reply_sequence(chat: ChatFormat, instruction: str, reply: str, score_from: int = 0) -> LossSequence | None:
+    """Instruction in chat format + reply, tokenized as one string; the tokens after the first eoi run count,
+    and with `score_from` (a character offset into the reply: where a reasoning model's final answer starts) only
+    the tokens from there on, the reasoning before it in context but not scored.
 
     None when nothing would be scored: an empty reply, or no eoi run found (the original would then
     score the prompt's tokens too)."""
-    ids = chat.text_ids(chat.format(instruction) + reply)
+    prompt = chat.format(instruction)
+    ids = chat.text_ids(prompt + reply)
     first = eoi_end(ids, chat.eoi_ids)
+    if first is not None and score_from > 0:
+        # The first token that differs from the prompt and reasoning tokenized alone holds answer text.
+        before = chat.text_ids(prompt + reply[:score_from])
+        first = max(first, next((i for i, (a, b) in enumerate(zip(ids, before, strict=False)) if a != b),
+                                min(len(ids), len(before))))
     return LossSequence(ids, first) if first is not None and first < len(ids) else None
 
 

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlrefusal.chat import format_template_kwargs
 from tlrefusal.evaluation.ce import CeDataset
 from tlrefusal.evaluation.coherence import LmEvalResult, TaskCoherence
 from tlrefusal.evaluation.config import EvalConfig
@@ -36,15 +37,21 @@ class EvalReport:
     coherence: dict[str, TaskCoherence]  # by lm-eval task
     magnitude: MagnitudeStudy | None  # hooked runs only
     seconds: float
+    # The system prompt and template variables the prompts were rendered with (`ChatOptions.to_json`: the run's,
+    # or the evaluation's where it gave them); None in reports made before they were recorded.
+    chat: dict | None = None
 
     def to_json(self) -> dict:
-        return {"tool_version": self.tool_version, "run": self.run, "config": self.config.to_json(),
+        data = {"tool_version": self.tool_version, "run": self.run, "config": self.config.to_json(),
                 "paper": self.config.paper, "model": self.model.to_json(), "hooked": self.hooked, "direction": self.direction.to_json(),
                 "refusal_and_safety": {k: v.to_json() for k, v in self.refusal_and_safety.items()},
                 "ce_loss": {k: v.to_json() for k, v in self.ce_loss.items()},
                 "coherence": {k: v.to_json() for k, v in self.coherence.items()},
                 "magnitude": None if self.magnitude is None else self.magnitude.to_json(),
                 "seconds": self.seconds}
+        if self.chat is not None:
+            data["chat"] = self.chat
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "EvalReport":
@@ -56,7 +63,7 @@ class EvalReport:
                    ce_loss={k: CeDataset.from_json(v, CeLoss.from_json) for k, v in data["ce_loss"].items()},
                    coherence={k: TaskCoherence.from_json(v, LmEvalResult.from_json) for k, v in data.get("coherence", {}).items()},
                    magnitude=MagnitudeStudy.from_json(data["magnitude"]) if data.get("magnitude") else None,
-                   seconds=data["seconds"])
+                   seconds=data["seconds"], chat=data.get("chat"))
 
 
 def markdown_report(report: EvalReport) -> str:
@@ -81,7 +88,17 @@ def settings_line(config: EvalConfig) -> str:
             f"evaluation sets {config.eval_sets}, stop at {config.stop}, actadd sign {config.actadd_sign}, "
             f"CE {config.ce_n} sequences per dataset, coherence "
             f"{', '.join(config.tasks) or 'none'} ({config.coherence_limit or 'all'} documents per task)"
-            + _placement_note(config) + ".")
+            + _placement_note(config) + _chat_note(config) + ".")
+
+
+def _chat_note(config: EvalConfig) -> str:
+    """The prompts' system prompt and template variables where the evaluation replaced the run's."""
+    notes = []
+    if config.system_prompt is not None:
+        notes.append(f"system prompt {config.system_prompt!r}")
+    if config.chat_template_kwargs is not None:
+        notes.append(f"template variables {format_template_kwargs(config.chat_template_kwargs) or 'none'}")
+    return "; " + " and ".join(notes) + " instead of the run's" if notes else ""
 
 
 def _placement_note(config: EvalConfig) -> str:
@@ -106,6 +123,13 @@ def _refusal_lines(scores: dict[str, DatasetScores]) -> list[str]:
         for iv, s in entry.interventions.items():
             safety = "n/a" if s.safety_score is None else f"{s.safety_score:.2f}"
             lines.append(f"| {name} ({entry.label}) | {iv} | {s.n} | {s.refusal_score:.2f} | {safety} |")
+    reasoning = [(name, iv, s) for name, entry in scores.items() for iv, s in entry.interventions.items()
+                 if s.n_reasoning]
+    if reasoning:
+        lines += ["", "Reasoning replies: the scores above judge the final answer; a reply whose reasoning never "
+                      "closed within --max-new-tokens has none and is left out of them.", ""]
+        lines += [f"- {name}, {iv}: reasoning in {s.n_reasoning} of {s.n} replies, refusal inside it "
+                  f"{s.reasoning_refusal_score:.2f}; {s.n_unclosed} never closed" for name, iv, s in reasoning]
     return lines
 
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -66,6 +67,9 @@ from tlrefusal.model import ModelSource
 from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
 from tlrefusal.publish import staged_files
+
+if TYPE_CHECKING:
+    from tlrefusal.chat import ChatOptions
 
 # tolerance = this x the fresh-noise control's max |logit difference|. The control's noise is about 1.4x the
 # written file's, yet one draw scatters: the written file's gap over the control's ranged 0.36-1.68 over
@@ -488,6 +492,7 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
                 fallback_type: str = DEFAULT_FALLBACK, edited_type: str | None = None,
                 verify: str | bool | VerifyMode = "full",
                 force: bool = False, chat_template: ChatTemplate | None = None,
+                chat_options: "ChatOptions | None" = None,
                 placement: Placement = VERIFY_PLACEMENT, progress: Progress = NO_PROGRESS) -> GGUFExportResult:
     """Orthogonalize the GGUF `source` against `direction` into the GGUF file `out` (and its record beside
     it). Raises TlrefusalError, leaving nothing new at `out`, for bad input or a failed verification."""
@@ -518,7 +523,7 @@ def export_gguf(source: ModelSource, direction: artifacts.RefusalDirection, dire
                                      f"{weights.failures[0]}; nothing was written to {out}")
             if verify.kind == "full":
                 exact, control, logits = _verify_logits(source, file, plan, direction, staging, written_path,
-                                                        chat_template, placement, progress)
+                                                        chat_template, chat_options, placement, progress)
                 if exact is not None and not exact.passed and plan.exact:
                     raise TlrefusalError(f"verification failed: the edit written in float32 differs from hook "
                                          f"ablation by {exact.max_abs_logit_diff:.3g} > {exact.tolerance:.3g} (a "
@@ -553,14 +558,15 @@ def _write(file: GGUFFile, plan: GGUFPlan, unit: torch.Tensor, path: Path, what:
 
 
 def _verify_logits(source: ModelSource, file: GGUFFile, plan: GGUFPlan, direction: artifacts.RefusalDirection,
-                   staging: Path, written: Path, chat_template: ChatTemplate | None, placement: Placement,
+                   staging: Path, written: Path, chat_template: ChatTemplate | None,
+                   chat_options: "ChatOptions | None", placement: Placement,
                    progress: Progress) -> tuple[Verification | None, Verification, Verification]:
     """(exact, control, logits): the edit written in float32 against the float32 tolerance (None when the
     written file is already float32 throughout its edits), the fresh-noise control, then the written file
     with the tolerance the control sets. Each extra file is written, measured and deleted."""
     unit = unit_vector(direction.vector.to(torch.float64)).to(torch.float32)
     common = dict(placement=placement, edited_unembedding=plan.edits_unembedding, chat_template=chat_template,
-                  progress=progress)
+                  chat_options=chat_options, progress=progress)
 
     def measure(path: Path, tolerance: float) -> Verification:
         return verify_export(source, ModelSource(path.name, "gguf", staging, gguf_file=path.name), direction,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from tlrefusal import __version__, artifacts
-from tlrefusal.chat import run_template
+from tlrefusal.chat import ChatOptions, run_options, run_template
 from tlrefusal.chat_templates import ChatTemplate
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.export.card import model_card
@@ -105,15 +105,17 @@ def orthogonalize_direction(
     source = resolve_source(model or direction.model, cache_dir, progress)
     # The verification formats its prompts with the run's chat template (a run's --chat-template).
     chat_template = run_template(direction_path) if direction_path.is_dir() else None
+    chat_options = run_options(direction_path) if direction_path.is_dir() else None  # and system prompt, variables
     if out_format == "gguf":
         from tlrefusal.export.gguf_export import export_gguf
 
         return export_gguf(source, direction, direction_file, out, approximate=approximate,
                            tied_embeddings=tied_embeddings, fallback_type=gguf_fallback_type,
                            edited_type=gguf_edited_type, verify=verify,
-                           force=force, chat_template=chat_template, placement=placement, progress=progress)
+                           force=force, chat_template=chat_template, chat_options=chat_options,
+                           placement=placement, progress=progress)
     return export_orthogonalized(source, direction, direction_file, out, approximate=approximate,
-                                 chat_template=chat_template,
+                                 chat_template=chat_template, chat_options=chat_options,
                                  tied_embeddings=tied_embeddings, verify=verify, force=force,
                                  trust_remote_code=trust_remote_code, placement=placement, progress=progress)
 
@@ -127,6 +129,7 @@ def export_orthogonalized(
     approximate: bool = False,
     tied_embeddings: TiedEmbeddings = "untie",
     chat_template: ChatTemplate | None = None,
+    chat_options: ChatOptions | None = None,
     verify: str | bool | VerifyMode = "full",
     force: bool = False,
     trust_remote_code: bool = False,
@@ -153,7 +156,7 @@ def export_orthogonalized(
         if verify.kind != "none":
             t = time.perf_counter()
             check = _verify(verify, source, staging, direction, checkpoint, plan, trust_remote_code, placement,
-                            chat_template, progress)
+                            chat_template, chat_options, progress)
             verify_seconds = round(time.perf_counter() - t, 2)
             # A logit gap is expected where norms sit between writers and the stream (--approximate); the
             # weights are orthogonalized there too, so a failed weights check always fails.
@@ -192,13 +195,15 @@ def _full_precision(placement: Placement) -> None:
 
 def _verify(mode: VerifyMode, source: ModelSource, staging: Path, direction: artifacts.RefusalDirection,
             checkpoint: Checkpoint, plan: WeightPlan, trust_remote_code: bool, placement: Placement,
-            chat_template: ChatTemplate | None, progress: Progress) -> Verification | WeightsCheck:
+            chat_template: ChatTemplate | None, chat_options: ChatOptions | None,
+            progress: Progress) -> Verification | WeightsCheck:
     if mode.kind == "weights":
         from hooks.ops import unit
 
         return check_weights(checkpoint, staging, plan, unit(direction.vector.to(torch.float64)), progress)
     return verify_export(source, staging, direction, trust_remote_code, progress, placement=placement,
-                         layers=mode.layers, edited_unembedding=plan.edits_unembedding, chat_template=chat_template)
+                         layers=mode.layers, edited_unembedding=plan.edits_unembedding, chat_template=chat_template,
+                         chat_options=chat_options)
 
 
 def _plan(source: ModelSource, direction: artifacts.RefusalDirection, out: Path, force: bool, approximate: bool,

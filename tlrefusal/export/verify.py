@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -27,6 +27,9 @@ from tlrefusal.errors import TlrefusalError
 from tlrefusal.model import DTYPES, ModelSource, release_memory
 from tlrefusal.placement import Placement
 from tlrefusal.progress import NO_PROGRESS, Progress
+
+if TYPE_CHECKING:
+    from tlrefusal.chat import ChatOptions
 
 # Largest |logit| difference between the exported model and hook ablation of the source that verification
 # accepts, by weight dtype. The two compute the same function in a different order: float32 rounding
@@ -145,7 +148,7 @@ def verify_export(source: ModelSource, export: Path | ModelSource, direction: ar
                   trust_remote_code: bool = False, progress: Progress = NO_PROGRESS, n_tokens: int = 16, *,
                   placement: Placement = VERIFY_PLACEMENT, layers: int | None = None,
                   edited_unembedding: bool = False, chat_template: ChatTemplate | None = None,
-                  tolerance: float | None = None) -> Verification:
+                  chat_options: "ChatOptions | None" = None, tolerance: float | None = None) -> Verification:
     """Compare the export (a folder, or a GGUF file as a `ModelSource`), loaded with plain `transformers`,
     with the source under ablation hooks.
 
@@ -173,7 +176,7 @@ def verify_export(source: ModelSource, export: Path | ModelSource, direction: ar
     reference = EDITED_UNEMBEDDING if edited_unembedding else HOOK_ABLATION
     with first_layers(export.path, layers) as export_dir, first_layers(source.path, layers) as source_dir:
         tokenizer = _tokenizer(source_dir, trust_remote_code, source.gguf_file)
-        chat = ChatFormat.from_tokenizer(tokenizer, chat_template)  # None: the tokenizer's own
+        chat = ChatFormat.from_tokenizer(tokenizer, chat_template, chat_options)  # None: the tokenizer's own
         inputs = [chat.encode([prompt]) for prompt in VERIFY_PROMPTS]
         plain = load_plain(export_dir, placement, trust_remote_code, progress, gguf_file=export.gguf_file)
         with progress.task("Running the export on the verification prompts", total=len(inputs)) as advance:
