@@ -309,9 +309,14 @@ def test_guard_loads_after_the_evaluated_model_is_dead_and_judges_the_same(run_d
             guards.append((dtype, device))
             super().__init__(path, dtype, device)
 
+    def forget_model_steps():  # so that the evaluated model loads again (its completions stay reused)
+        for name in (artifacts.EVAL_LOSS, artifacts.EVAL_COHERENCE, artifacts.EVAL_MAGNITUDE):
+            (run / "eval" / name).unlink()
+
     monkeypatch.setattr(runner, "load_model", load_and_watch)
     monkeypatch.setattr(runner, "LlamaGuard", WatchedGuard)
     guard_dir = tiny_dirs["llama"]
+    forget_model_steps()
     report = run_eval(run, EvalConfig(**config, guard_model=guard_dir))
     assert guards == [(torch.float32, "cpu")]  # the evaluated model's dtype and device
     judge = LlamaGuard(guard_dir)
@@ -329,6 +334,7 @@ def test_guard_loads_after_the_evaluated_model_is_dead_and_judges_the_same(run_d
 
     guards.clear()
     alive.clear()
+    forget_model_steps()
     run_eval(run, EvalConfig(**config, guard_model=guard_dir, guard_dtype="bfloat16", guard_device="cpu"))
     assert guards == [(torch.bfloat16, "cpu")]
 

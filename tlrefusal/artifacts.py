@@ -12,7 +12,10 @@ RUN/
   plots/selection.png          heatmaps of bypass / induce / KL over (position, layer)
   demo_summary.json            (`tlrefusal demo`) held-out refusal under each intervention, the export's check
   orthogonalized/              (`tlrefusal demo`) the orthogonalized model, a Hugging Face folder
-  eval/                        (`tlrefusal eval`) completions/, report.json, report.md, plots/, compare.*
+  eval/                        (`tlrefusal eval`) completions/, scores.json, loss.json, coherence.json,
+                               magnitude.json (one per step, reused while its inputs match), report.json,
+                               report.md, plots/, compare.*
+  report.md                    (`tlrefusal run`) the whole run in one page: selection, evaluation, export
 
 An exported checkpoint holds the Hugging Face files (config.json, model*.safetensors, the index) plus
 orthogonalization.json and README.md; an organism folder holds organism.json, README.md and
@@ -48,6 +51,12 @@ ORTHOGONALIZED = "orthogonalized"
 # RUN/eval/ (`tlrefusal eval`)
 EVAL_DIR = "eval"
 COMPLETIONS_DIR = "completions"
+# One file per evaluation step after generation, each with the key of what decided it (`tlrefusal.steps`).
+EVAL_SCORES = "scores.json"  # refusal and safety scores of every completion set (the judge)
+EVAL_LOSS = "loss.json"  # CE loss
+EVAL_COHERENCE = "coherence.json"  # lm-eval coherence
+EVAL_MAGNITUDE = "magnitude.json"  # the magnitude study
+RUN_REPORT = "report.md"  # (`tlrefusal run`) at the run folder's top
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 COMPARE_JSON = "compare.json"

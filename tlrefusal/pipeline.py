@@ -18,8 +18,17 @@ import torch
 from tlrefusal import __version__, artifacts, distributed
 from tlrefusal.activations import candidate_directions, last_logits, mean_activations
 from tlrefusal.batching import run_batched
-from tlrefusal.chat import ChatFormat, refusal_phrases_for
+from tlrefusal.chat import (
+    SYSTEM_DEFAULT,
+    ChatFormat,
+    ChatOptions,
+    TemplateKwargs,
+    format_template_kwargs,
+    parse_template_kwargs,
+    refusal_phrases_for,
+)
 from tlrefusal.chat_templates import ChatTemplate, paper_format_for, resolve_template
+from tlrefusal.config_file import RUN_RECORD_KEY
 from tlrefusal.data import POOLS, Prompt, Splits, load_pools, prompts_hash, sample_splits
 from tlrefusal.errors import TlrefusalError
 from tlrefusal.journal import JournalWriter, journal_file, journal_key, read_journal
@@ -72,8 +81,17 @@ class ExtractConfig:
     # The paper's chat format for the model's family (`chat_templates.PAPER_FAMILIES`); the other settings'
     # defaults are already the paper's.
     paper: bool = False
+    # The prompts' system message (`chat.system_prompt_from_spec`): None, the template's default (no system
+    # message, as the paper); "none", an empty one; else its text. Extract under the one the model will be used with.
+    system_prompt: str | None = None
+    # Template variables (`chat.parse_template_kwargs`), e.g. (("enable_thinking", False),) for Qwen3: a reasoning
+    # model must be extracted with thinking off (`ChatFormat.check_refusal_position`).
+    chat_template_kwargs: TemplateKwargs = ()
 
     def __post_init__(self) -> None:
+        if self.system_prompt == SYSTEM_DEFAULT:  # one spelling of the default, so config.json matches
+            object.__setattr__(self, "system_prompt", None)
+        object.__setattr__(self, "chat_template_kwargs", parse_template_kwargs(self.chat_template_kwargs))
         for name in ("n_train", "n_val", "min_kept"):
             if getattr(self, name) < 1:
                 raise TlrefusalError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -85,6 +103,10 @@ class ExtractConfig:
             raise TlrefusalError("--paper chooses the paper's chat format for the model's family; give it or "
                                  "--chat-template, not both")
         _ = self.placement  # a bad device map, budget or quantization fails here, before the run folder
+
+    @property
+    def chat_options(self) -> ChatOptions:
+        return ChatOptions().override(self.system_prompt, self.chat_template_kwargs)
 
     @property
     def placement(self) -> Placement:
@@ -101,6 +123,12 @@ class ExtractConfig:
             del data["chat_template"]
         if not data["paper"]:  # absent, as in runs made before the option
             del data["paper"]
+        if data["system_prompt"] is None:  # absent, as in runs made before the option
+            del data["system_prompt"]
+        if self.chat_template_kwargs:  # spelled as the flag takes it, so a run's config.json is a --config file
+            data["chat_template_kwargs"] = format_template_kwargs(self.chat_template_kwargs)
+        else:  # absent, as in runs made before the option
+            del data["chat_template_kwargs"]
         for name in ("device_map", "max_memory", "offload_folder", "quantize", "gpus_per_replica"):
             if data[name] == ExtractConfig.__dataclass_fields__[name].default:  # absent, as before the options
                 del data[name]
@@ -190,7 +218,8 @@ def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force
     if world.is_main:
         _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world,
                         batch_sizes)
-        if direction is not None:
+        # A resumed run whose selection was read back keeps its direction file as it is (byte for byte).
+        if direction is not None and (prepared.selection is None or not (run_dir / artifacts.DIRECTION).is_file()):
             direction.save(run_dir / artifacts.DIRECTION)
     return ExtractResult(run_dir=run_dir, **_prompt_stats(prepared.saved), selection=selection, direction=direction,
                          eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds)
@@ -220,7 +249,8 @@ def _load(config: ExtractConfig, inputs: _Inputs, world: distributed.World, prog
         # The replica's first GPU becomes this process's default, so no rank opens a CUDA context on GPU 0.
         torch.cuda.set_device(gpu)
     model = load_model(inputs.source, placement, config.trust_remote_code, progress)
-    chat = ChatFormat.from_tokenizer(model.tokenizer, inputs.template)
+    chat = ChatFormat.from_tokenizer(model.tokenizer, inputs.template, config.chat_options)
+    chat.check_refusal_position()  # a reasoning model's first reply token is its block's opener, not a refusal
     return model, chat, _refusal_ids(config, chat, model.model_type)
 
 
@@ -230,7 +260,8 @@ def _prepare(run_dir: Path, config: ExtractConfig, inputs: _Inputs, model: Loade
     """(Rank 0) claim the run folder, then filter and compute the candidates, or read them back."""
     if inputs.replace:
         _clear(run_dir)
-    artifacts.write_json(run_dir / artifacts.CONFIG, inputs.identity)
+    if inputs.replace or not (run_dir / artifacts.CONFIG).is_file():  # else it holds this setup (and may hold
+        artifacts.write_json(run_dir / artifacts.CONFIG, inputs.identity)  # `tlrefusal run`'s record)
     _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world)
     t = time.perf_counter()
     splits, saved = _sample_and_filter(run_dir, config, inputs.sampled, model, chat, refusal_ids, batch_sizes,
@@ -288,7 +319,8 @@ def _check_run_dir(run_dir: Path, identity: dict, force: bool) -> bool:
         raise TlrefusalError(f"{run_dir} exists and is not a folder")
     config_path = run_dir / artifacts.CONFIG
     if config_path.is_file():
-        previous = artifacts.read_json(config_path)
+        # `tlrefusal run`'s record of its later stages is not the extraction's setup.
+        previous = {k: v for k, v in artifacts.read_json(config_path).items() if k != RUN_RECORD_KEY}
         if previous != identity and not force:
             raise TlrefusalError(f"{run_dir} holds a run made with a different setup (differs in: "
                                  f"{', '.join(_differences(previous, identity))}); use another --out or --force")

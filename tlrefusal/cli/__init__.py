@@ -1,7 +1,8 @@
 """The `tlrefusal` command line: each command parses flags, builds a config, calls one library function and
-renders the result. `common` holds what they share; the commands live in `run`, `model` and `demo`.
+renders the result. `common` holds what they share; the commands live in `workflow` (`run`),
+`run` (extract, show), `model` and `demo`.
 """
-from tlrefusal.cli import run, model, demo  # noqa: F401,I001  (each registers its commands on `app`, in this order)
+from tlrefusal.cli import workflow, run, model, demo  # noqa: F401,I001  (each registers its commands on `app`, in this order)
 from tlrefusal.cli.common import app
 
 __all__ = ["app", "main"]

@@ -29,6 +29,7 @@ from tlrefusal import __version__
 from tlrefusal.assets import model_names
 from tlrefusal.batching import is_out_of_memory, parse_batch_size
 from tlrefusal.cli.render import out
+from tlrefusal.config_file import COMMANDS, read_config
 from tlrefusal.errors import TlrefusalError, first_line
 from tlrefusal.precision import DTYPE_CHOICES
 from tlrefusal.progress import Advance
@@ -187,3 +188,58 @@ Position = Annotated[int | None, typer.Option(help="Post-instruction position of
                                               rich_help_panel=SELECTION_PANEL)]
 KlThreshold = Annotated[float, typer.Option(help="Discard candidates with KL above this (paper: 0.1).",
                                             rich_help_panel=SELECTION_PANEL)]
+
+
+# `--config FILE` (`tlrefusal.config_file`): the file's values become the command's defaults (click's
+# `default_map`), so a flag given on the command line overrides the file, and each value is converted and
+# checked exactly as the flag would be.
+def command_options(command: typer.core.TyperCommand) -> dict[str, str]:
+    """Every accepted spelling of the command's options in a config file -> the parameter name: the option's
+    long names and the parameter's own name, dashes as underscores (not `--no-X` of an `--X/--no-X` flag)."""
+    names = {}
+    for param in command.params:
+        if param.name in ("config", "help"):
+            continue
+        names[param.name] = param.name
+        for opt in param.opts:
+            if opt.startswith("--"):
+                names[opt.removeprefix("--").replace("-", "_")] = param.name
+    return names
+
+
+def options_by_command(ctx: typer.Context) -> dict[str, dict[str, str]]:
+    root = ctx.find_root()
+    group = root.command
+    return {name: command_options(group.get_command(root, name)) for name in COMMANDS}
+
+
+def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    if value is None or ctx.resilient_parsing:
+        return value
+    try:
+        values = read_config(value).for_command(ctx.command.name, options_by_command(ctx))
+    except TlrefusalError as exc:
+        _fail(str(exc))
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+ConfigPath = Annotated[Path | None, typer.Option(
+    "--config", metavar="FILE", callback=_apply_config, is_eager=True, rich_help_panel=OUTPUT_PANEL,
+    help="Settings from a TOML, YAML or JSON file (options by name; a run's config.json; the NNsight "
+         "replication's config.yaml); flags given here override it.")]
+
+
+# The chat prompts' system message and template variables (`tlrefusal.chat.ChatOptions`), on every command that
+# renders prompts for a run. The values are checked where the config is built (`parse_template_kwargs`), so a bad
+# one is a one-line error before anything is written.
+SystemPrompt = Annotated[str | None, typer.Option(
+    "--system-prompt", metavar="TEXT|none|default", rich_help_panel=MODEL_PANEL,
+    help="System message of every prompt: the TEXT; none, an empty one (drops a default system prompt the template "
+         "inserts); default, no system message (what the template does without one, e.g. Llama-3.1's date lines). "
+         "Not given: default for extract, the run's for eval.")]
+ChatTemplateKwargs = Annotated[str | None, typer.Option(
+    "--chat-template-kwargs", metavar="KEY=VALUE,...", rich_help_panel=MODEL_PANEL,
+    help="Chat template variables, e.g. enable_thinking=false (Qwen3 thinking off: its empty reasoning block "
+         "becomes post-instruction tokens); values true/false, numbers, null or text; none for no variables. Not "
+         "given: none for extract, the run's for eval.")]

@@ -10,6 +10,8 @@ from tlrefusal.cli.common import (
     OUTPUT_PANEL,
     BatchSize,
     CacheDir,
+    ChatTemplateKwargs,
+    ConfigPath,
     Device,
     DeviceMap,
     Dtype,
@@ -20,6 +22,7 @@ from tlrefusal.cli.common import (
     Position,
     Quantize,
     RichProgress,
+    SystemPrompt,
     TrustRemoteCode,
     _dtype_choice,
     _split_csv,
@@ -39,6 +42,7 @@ def orthogonalize(
                                                        "be empty), or FILE.gguf for a GGUF file rewritten from a "
                                                        "GGUF --model (its record: FILE.orthogonalization.json).",
                                           rich_help_panel=OUTPUT_PANEL)],
+    config: ConfigPath = None,
     out_format: Annotated[str, typer.Option("--format", metavar="auto|hf|gguf",
                                             help="What --out is: auto follows its suffix (.gguf: gguf).",
                                             rich_help_panel=OUTPUT_PANEL)] = "auto",
@@ -108,6 +112,11 @@ def orthogonalize(
 @guarded
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run folder from `tlrefusal extract` (or `demo`).")],
+    config: ConfigPath = None,
+    judge_only: Annotated[bool, typer.Option("--judge-only", help="Score the completions already in RUN/eval "
+                                                                  "(refusal, and safety with --guard-model) "
+                                                                  "without loading the evaluated model: e.g. "
+                                                                  "with the guard on another machine.")] = False,
     paper: Annotated[bool, typer.Option("--paper", help="The original code's settings: JailbreakBench whole and n "
                                                         "harmless prompts from the run's seed stream (--harmless: "
                                                         "the test pool), --stop eos, 512 new tokens, --n-ce 4096, "
@@ -179,6 +188,8 @@ def evaluate(
         "runs on the bridge). pip install 'tlrefusal[vllm]' on a CUDA machine."))] = "bridge",
     tensor_parallel: Annotated[int, typer.Option(help="GPUs per vLLM engine (--backend vllm).",
                                                  rich_help_panel=MODEL_PANEL)] = 1,
+    system_prompt: SystemPrompt = None,
+    chat_template_kwargs: ChatTemplateKwargs = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Refusal and safety scores, CE loss, coherence and the magnitude study, under baseline, ablation and
@@ -195,13 +206,14 @@ def evaluate(
     given = {k: v for k, v in given.items() if v is not None}  # left out: the preset's or the default
     if coherence_limit is not None:
         given["coherence_limit"] = coherence_limit or None  # 0: every document
-    config = EvalConfig.resolve(paper, **given, batch_size=batch_size, model=model, guard_model=guard_model,
+    eval_config = EvalConfig.resolve(paper, **given, batch_size=batch_size, model=model, guard_model=guard_model,
                                 pile=pile, alpaca=alpaca, magnitude=tuple(magnitude or ()), layer=layer,
                                 position=position, device=device, dtype=dtype, device_map=device_map,
                                 max_memory=max_memory, offload_folder=offload_folder, quantize=quantize,
                                 guard_device=guard_device, guard_dtype=guard_dtype, backend=backend,
-                                tensor_parallel=tensor_parallel)
-    report = run_eval(run_dir, config, cache_dir, RichProgress(console))
+                                tensor_parallel=tensor_parallel, system_prompt=system_prompt,
+                                chat_template_kwargs=chat_template_kwargs)
+    report = run_eval(run_dir, eval_config, cache_dir, RichProgress(console), judge_only=judge_only)
     render_eval(report, run_dir)
 
 

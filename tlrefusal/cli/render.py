@@ -186,3 +186,27 @@ def render_comparison(comparison, fmt) -> None:
     for r in comparison.rows:
         table.add_row(r.metric, fmt(r.a), fmt(r.b), fmt(r.diff))
     out.print(table)
+
+
+def render_run(summary) -> None:
+    """`tlrefusal run`'s closing summary (a RunSummary): the direction, refusal per set and intervention, the
+    export."""
+    table = Table(title=f"tlrefusal run: {summary.run_dir}")
+    for col in ("stage", "result"):
+        table.add_column(col)
+    ex = summary.extract
+    if ex is not None:
+        c = ex.selection.chosen
+        table.add_row("extract", "no direction survived the filters" if c is None else
+                      f"position {c.position}, layer {c.layer}: bypass {c.bypass_score:.3f}, induce "
+                      f"{c.induce_score:.3f}, KL {c.kl_score:.4f}")
+    if summary.eval is not None:
+        for name, entry in summary.eval.refusal_and_safety.items():
+            table.add_row("eval", f"{name} ({entry.label}) refusal: " + ", ".join(
+                f"{iv} {s.refusal_score:.2f}" for iv, s in entry.interventions.items()))
+    if summary.export is not None:
+        e = summary.export
+        table.add_row("orthogonalize", f"{e.path}: " + ("verified" if e.verified else
+                                                        "not verified" if not e.checks else "check FAILED"))
+    out.print(table)
+    out.print(f"report: {summary.run_dir / artifacts.RUN_REPORT}")

@@ -14,6 +14,8 @@ from tlrefusal.cli.common import (
     SELECTION_PANEL,
     AutoBatchSize,
     CacheDir,
+    ChatTemplateKwargs,
+    ConfigPath,
     Device,
     DeviceMap,
     Dtype,
@@ -26,6 +28,7 @@ from tlrefusal.cli.common import (
     OffloadFolder,
     Quantize,
     RichProgress,
+    SystemPrompt,
     TrustRemoteCode,
     _fail,
     _split_csv,
@@ -45,6 +48,7 @@ def extract(
     model: Annotated[str | None, typer.Argument(help=MODEL_HELP, show_default=False, metavar="MODEL")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run folder to write (created; resumed if it holds "
                                                                "the same run).", rich_help_panel=OUTPUT_PANEL)] = None,
+    config: ConfigPath = None,
     harmful: Source = "demo-harmful",
     harmless: Source = "demo-harmless",
     harmful_val: Annotated[str | None, typer.Option(help="Separate harmful validation pool (default: the --harmful "
@@ -90,6 +94,8 @@ def extract(
                                         help="The paper's chat format for the model's family (Qwen, Yi, Gemma, "
                                              "Llama-2, Llama-3; read from its config.json); every other default "
                                              "is already the paper's.")] = False,
+    system_prompt: SystemPrompt = None,
+    chat_template_kwargs: ChatTemplateKwargs = None,
     force: Force = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -102,13 +108,14 @@ def extract(
                                "refusal direction), a local Hugging Face folder, a .gguf file or a hub id", param_hint="'MODEL'")
     if out_dir is None:
         raise typer.BadParameter("missing; give a run folder with --out RUN", param_hint="'--out'")
-    config = ExtractConfig(
+    extract_config = ExtractConfig(
         model=model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
         offload_folder=offload_folder, quantize=quantize, gpus_per_replica=gpus_per_replica, harmful=harmful, harmless=harmless, harmful_val=harmful_val,
         harmless_val=harmless_val, n_train=n_train, n_val=n_val, seed=seed, filter=not no_filter,
         min_kept=min_kept, refusal_phrases=_split_csv(refusal_phrases, str),
         refusal_token_ids=_split_csv(refusal_token_ids, int), trust_remote_code=trust_remote_code,
-        chat_template=chat_template, paper=paper,
+        chat_template=chat_template, paper=paper, system_prompt=system_prompt,
+        chat_template_kwargs=chat_template_kwargs,
         selection=SelectionConfig(kl_threshold=kl_threshold, induce_threshold=induce_threshold,
                                   prune_layer_fraction=prune_layers, batch_size=batch_size,
                                   candidates_per_pass=candidates_per_pass),
@@ -118,7 +125,7 @@ def extract(
     from tlrefusal import distributed
 
     try:
-        result = run_extract(config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console))
+        result = run_extract(extract_config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console))
     except distributed.Reported:
         raise typer.Exit(1) from None
     if not distributed.world().is_main:
