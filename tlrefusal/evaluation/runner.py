@@ -419,13 +419,10 @@ def _scores(job: _Job, table: InterventionTable) -> dict[str, DatasetScores]:
     judged = [(eval_set, iv, completion_files(job.out_dir, eval_set, iv))
               for eval_set in job.sets for iv in table.for_label(eval_set.label)]
     guard_at = _guard_at(job)
-    key = scores_key(judged, None if guard_at is None else guard_at.key())
     # A reasoning model's replies are judged on their final answers; its markers, and whether its generation
-    # prompt opens the block, are read from the run's manifest, so --judge-only needs no model. They decide the
-    # scores, so they are part of the key (absent for models without markers, whose keys stay as they were).
+    # prompt opens the block, are read from the run's manifest, so --judge-only needs no model.
     markers, opened = run_reasoning(job.run_dir)
-    if markers is not None:
-        key["reasoning"] = {**markers.to_json(), "opened": opened}
+    key = scores_key(judged, None if guard_at is None else guard_at.key(), markers, opened)
     return SCORES.reuse_or_run(job.out_dir, key, lambda: _judge(judged, guard_at, job.progress, markers, opened))
 
 

@@ -30,6 +30,7 @@ from tlrefusal.evaluation.magnitude import MagnitudeStudy
 from tlrefusal.evaluation.scores import DatasetScores
 from tlrefusal.evaluation.sets import EvalSet
 from tlrefusal.interventions import Intervention
+from tlrefusal.reasoning import Markers
 
 R = TypeVar("R")
 
@@ -105,11 +106,17 @@ def magnitude_key(setup: CompletionSetup, sets: dict[str, list[str]], refusal_id
             "refusal_ids": refusal_ids}
 
 
-def scores_key(judged: Sequence[tuple[EvalSet, Intervention, CompletionFiles]], guard: dict | None) -> dict:
-    """The judge: every judged completions file by content, and the guard (None: substring refusal only)."""
-    return {"completions": [{"set": s.name, "label": s.label, "intervention": iv.name,
-                             "sha256": artifacts.file_sha256(files.jsonl)} for s, iv, files in judged],
-            "guard": guard}
+def scores_key(judged: Sequence[tuple[EvalSet, Intervention, CompletionFiles]], guard: dict | None,
+               markers: Markers | None = None, opened: bool = False) -> dict:
+    """The judge: every judged completions file by content, the guard (None: substring refusal only), and a
+    reasoning model's markers and whether its prompt opens the block (absent for models without markers, whose
+    keys stay as they were)."""
+    key = {"completions": [{"set": s.name, "label": s.label, "intervention": iv.name,
+                            "sha256": artifacts.file_sha256(files.jsonl)} for s, iv, files in judged],
+           "guard": guard}
+    if markers is not None:
+        key["reasoning"] = {**markers.to_json(), "opened": opened}
+    return key
 
 
 def _source(spec: str) -> str | dict:
