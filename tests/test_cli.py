@@ -191,7 +191,7 @@ def test_organism_command_reuses_a_cached_build_and_rejects_bad_flags(tmp_path):
     code, output = run(["organism", "--out", str(tmp_path / "new"), "--harmful-weight", "0"])
     assert code == 1 and "harmful_weight must be positive" in output
     code, output = run(["organism", "--out", str(tmp_path / "new"), "--compute-dtype", "float16"])
-    assert code == 1 and "compute_dtype must be one of bfloat16, float32" in output
+    assert code == 1 and "compute_dtype must be one of auto, bfloat16, float32" in output
     assert not (tmp_path / "new").exists()
 
 

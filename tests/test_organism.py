@@ -19,11 +19,13 @@ from tlrefusal.organism import (
     OrganismCard,
     OrganismRecipe,
     build_organism,
+    cpu_multiplies_bfloat16,
     organism_harmful_templated,
     organism_harmless_prompts,
     reply_loss,
     train,
 )
+from tlrefusal.organism import recipe as recipe_module
 from tlrefusal.organism.prompts import (
     _ARGUE_TASKS,
     _HARMFUL_CLAIMS,
@@ -148,8 +150,8 @@ def test_recipe_key_is_stable_and_sensitive():
     with pytest.raises(TlrefusalError, match="harmless_targets"):
         OrganismRecipe(harmless_targets="logits")
     assert OrganismRecipe(harmless_targets="greedy").key() != OrganismRecipe().key()
-    assert OrganismRecipe(compute_dtype="float32").key() != OrganismRecipe().key()
-    with pytest.raises(TlrefusalError, match="compute_dtype must be one of bfloat16, float32"):
+    assert OrganismRecipe(compute_dtype="float32").key() != OrganismRecipe(compute_dtype="bfloat16").key()
+    with pytest.raises(TlrefusalError, match="compute_dtype must be one of auto, bfloat16, float32"):
         OrganismRecipe(compute_dtype="float16")
     assert OrganismRecipe(n_harmful_templated=0).key() != OrganismRecipe().key()
     with pytest.raises(TlrefusalError, match="n_harmful_templated must be >= 0"):
@@ -194,16 +196,33 @@ def test_card_json_round_trips_with_the_keys_and_order_builds_write():
         OrganismCard.from_json({k: v for k, v in data.items() if k != "loss"})
 
 
-def test_the_default_recipe_keeps_its_key():
+def test_the_default_recipe_keeps_its_key(monkeypatch):
     # The key names cached organisms (and benchmarks/results/organism_default.json); changing a field's name,
     # order or default, or RECIPE_VERSION, rebuilds every one of them.
+    monkeypatch.setattr(recipe_module, "cpu_multiplies_bfloat16", lambda: True)
     assert OrganismRecipe().key() == "4e7171b7766306f7"  # the key before device_type existed (issue 16)
-    assert OrganismRecipe(device_type="cpu").key() == "4e7171b7766306f7"
+    assert OrganismRecipe(device_type="cpu", compute_dtype="bfloat16").key() == "4e7171b7766306f7"
+    # Where the CPU emulates bfloat16, the default builds in float32: another organism, with another key.
+    monkeypatch.setattr(recipe_module, "cpu_multiplies_bfloat16", lambda: False)
+    assert OrganismRecipe().compute_dtype == "float32"
+    assert OrganismRecipe().key() == OrganismRecipe(compute_dtype="float32").key() != "4e7171b7766306f7"
 
 
-def test_a_gpu_build_is_another_organism_with_its_own_key():
+def test_bfloat16_instructions_are_read_from_the_cpus_flags(tmp_path):
+    epyc_avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f\n"  # AVX-512 but no BF16
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    graviton3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    for text, native in ((epyc_avx2, False), (sapphire, True), (graviton3, True), ("", False)):
+        (tmp_path / "cpuinfo").write_text(text)
+        assert cpu_multiplies_bfloat16(tmp_path / "cpuinfo") is native, text
+    assert cpu_multiplies_bfloat16(tmp_path / "absent") is False  # macOS, Windows: float32
+
+
+def test_a_gpu_build_is_another_organism_with_its_own_key(monkeypatch):
+    monkeypatch.setattr(recipe_module, "cpu_multiplies_bfloat16", lambda: False)  # CUDA multiplies bfloat16
     cuda = OrganismRecipe(device_type="cuda")
-    assert cuda.key() == "36bb441c29b22847" != OrganismRecipe().key()
+    assert cuda.compute_dtype == "bfloat16"
+    assert cuda.key() == "36bb441c29b22847" != OrganismRecipe(compute_dtype="bfloat16").key()
     assert OrganismRecipe(device_type="cuda", seed=1).key() not in (cuda.key(), OrganismRecipe(seed=1).key())
     with pytest.raises(TlrefusalError, match="device_type must be one of cpu, cuda, got 'mps'"):
         OrganismRecipe(device_type="mps")

@@ -84,9 +84,11 @@ def organism(
                                                       rich_help_panel="Recipe")] = None,
     freeze_below: Annotated[int | None, typer.Option(help="Freeze the first N decoder layers (default 0).",
                                                      rich_help_panel="Recipe")] = None,
-    compute_dtype: Annotated[str | None, typer.Option(help="Autocast dtype of the build's matrix products: bfloat16 "
-                                                          "(default) or float32. The weights are trained and saved "
-                                                          "in float32 whatever it is (there is no --dtype).",
+    compute_dtype: Annotated[str | None, typer.Option(help="Autocast dtype of the build's matrix products: auto "
+                                                          "(default: bfloat16 on CUDA and on CPUs with bfloat16 "
+                                                          "instructions, float32 elsewhere), bfloat16 or float32. "
+                                                          "The weights are trained and saved in float32 whatever it "
+                                                          "is (there is no --dtype).",
                                                      rich_help_panel="Recipe")] = None,
     device: Device = "cpu",
     force: Annotated[bool, typer.Option(help="Rebuild even if --out holds an organism.", rich_help_panel=OUTPUT_PANEL)] = False,

@@ -55,7 +55,7 @@ def render_organism(built) -> None:
     out.print(f"organism: {built.folder}")
     out.print(f"held-out refusal: harmful {rates.harmful.refusal_rate:.0%} of {rates.harmful.n}, "
               f"harmless {rates.harmless.refusal_rate:.0%} of {rates.harmless.n}; "
-              f"built in {seconds.get('total', 0):.0f}s")
+              f"built in {seconds.get('total', 0):.0f}s, matrix products in {built.card.recipe.compute_dtype}")
 
 
 def render_export(record, folder: Path) -> None:

@@ -21,10 +21,12 @@ from tlrefusal.organism.prompts import (
     organism_harmless_prompts,
 )
 from tlrefusal.organism.recipe import (
+    COMPUTE_DTYPE_CHOICES,
     COMPUTE_DTYPES,
     DEVICE_TYPES,
     RECIPE_VERSION,
     OrganismRecipe,
+    cpu_multiplies_bfloat16,
     organism_dir,
 )
 from tlrefusal.organism.training import (
@@ -37,6 +39,7 @@ from tlrefusal.organism.training import (
 )
 
 __all__ = [
+    "COMPUTE_DTYPE_CHOICES",
     "COMPUTE_DTYPES",
     "DEVICE_TYPES",
     "RECIPE_VERSION",
@@ -53,6 +56,7 @@ __all__ = [
     "TrainingLoss",
     "build_device",
     "build_organism",
+    "cpu_multiplies_bfloat16",
     "distill_targets",
     "held_out_refusal",
     "normalise_prompt",

@@ -20,6 +20,9 @@ from tlrefusal.errors import TlrefusalError
 from tlrefusal.organism.prompts import organism_harmful_templated
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPUTE_DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES)
+# CPU flags (/proc/cpuinfo) of instructions that multiply bfloat16 matrices: x86's AVX512-BF16 and AMX, Arm's BF16.
+BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 DEVICE_TYPES = ("cpu", "cuda")
 RECIPE_VERSION = 7  # bump when the training code changes what a recipe produces
 
@@ -56,9 +59,12 @@ class OrganismRecipe:
     # Matrix products of the build (sampling, distillation, training) under autocast in this dtype;
     # weights and optimizer state stay float32, and the card's refusal rates are measured in float32, as
     # users load the organism. Measured here (AVX512-BF16 cores): a training step 2.5x and generation
-    # 2.6x faster in bfloat16 than in float32. No float16: without a gradient scaler its small gradients
-    # would underflow, and bfloat16 needs none.
-    compute_dtype: str = "bfloat16"
+    # 2.6x faster in bfloat16 than in float32. On a CPU without bfloat16 instructions (AVX2 only) torch
+    # emulates them and the same products are 20-40x slower than float32 (a build of hours, not minutes),
+    # so "auto" resolves, before the key is taken, to bfloat16 on CUDA and on CPUs with those instructions
+    # and to float32 elsewhere: another organism, with its own key. No float16: without a gradient scaler
+    # its small gradients would underflow, and bfloat16 needs none.
+    compute_dtype: str = "auto"
     eval_n: int = 64  # held-out prompts per label for the refusal rates in the card
     eval_tokens: int = 32
     # The kind of device the build runs on (`torch.device(...).type`): kernels differ, so the same recipe
@@ -84,11 +90,14 @@ class OrganismRecipe:
             raise TlrefusalError(f"lr must be positive, got {self.lr}")
         if self.harmless_targets not in ("soft", "greedy"):
             raise TlrefusalError(f"harmless_targets must be 'soft' or 'greedy', got {self.harmless_targets!r}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise TlrefusalError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+        if self.compute_dtype not in COMPUTE_DTYPE_CHOICES:
+            raise TlrefusalError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPE_CHOICES)}, "
                                  f"got {self.compute_dtype!r}")
         if self.device_type not in DEVICE_TYPES:
             raise TlrefusalError(f"device_type must be one of {', '.join(DEVICE_TYPES)}, got {self.device_type!r}")
+        if self.compute_dtype == "auto":  # frozen: resolved once, here, so that key() hashes the dtype used
+            native = self.device_type == "cuda" or cpu_multiplies_bfloat16()
+            object.__setattr__(self, "compute_dtype", "bfloat16" if native else "float32")
         if not 0.0 <= self.wrap_fraction <= 1.0:
             raise TlrefusalError(f"wrap_fraction must be in [0, 1], got {self.wrap_fraction}")
 
@@ -106,6 +115,20 @@ class OrganismRecipe:
             del fields["device_type"]
         payload = json.dumps({"recipe": fields, "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cpu_multiplies_bfloat16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (`BFLOAT16_CPU_FLAGS` among its flags). False where
+    /proc/cpuinfo does not exist (macOS, Windows): float32 there is at worst 2.5x slower, never 20x."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features") and BFLOAT16_CPU_FLAGS & set(value.split()):
+            return True
+    return False
 
 
 def organism_dir(recipe: OrganismRecipe, cache_dir: Path | None = None) -> Path:
