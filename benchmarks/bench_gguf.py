@@ -19,7 +19,7 @@ the same refusal verdict (and where the replies are identical), and the same for
 against the tlrefusal baseline (a quantized GGUF is not the float model, so the two need not agree exactly).
 
 How: the prompts are `bench_heretic.held_out` (the paper's test splits, seed 5, outside the samples the other
-benchmarks measure on; `--paper-data DIR`); any prompt the run itself sampled is dropped. Each prompt is
+benchmarks measure on; `--paper-data DIR`), drawn from outside the prompts the run itself sampled. Each prompt is
 rendered by tlrefusal (`ChatFormat.for_run(RUN, tokenizer)`: the model's Hugging Face chat template, as
 extract and eval render it) and that exact text goes to llama.cpp, never llama.cpp's own chat formatting:
 tokenized by llama.cpp with special tokens parsed and no BOS added (`Llama.tokenize(text, add_bos=False,
@@ -229,15 +229,16 @@ def orthogonalize_gguf(run: Path, source: Path, out: Path, work: Path, extra: li
 # --- the benchmark ----------------------------------------------------------------------------------------
 
 def prompts_for(splits: Path, n: int, model_folder: Path | None, run: Path) -> tuple[dict[str, list[str]], int]:
-    """bench_heretic's held-out prompts (n per label), without any the run sampled; and how many were dropped."""
+    """bench_heretic's held-out prompts (n per label), drawn from outside what the run sampled; and how many
+    prompts of the pool the run had sampled."""
     from bench_heretic import held_out
 
     from tlrefusal.artifacts import PROMPTS, sampled_instructions
+    from tlrefusal.data import load_prompts
 
-    chosen = held_out(splits, n, model_folder)
     sampled = sampled_instructions(run) if (run / PROMPTS).is_file() else set()
-    kept = {label: [p for p in chosen[label] if p not in sampled] for label in LABELS}
-    return kept, sum(len(chosen[label]) - len(kept[label]) for label in LABELS)
+    pool = {p.instruction for label in LABELS for p in load_prompts(str(splits / f"{label}_test.json"))}
+    return held_out(splits, n, model_folder, exclude=sampled), len(pool & set(sampled))
 
 
 def llamacpp_row(out: dict, prompts: dict[str, list[str]], hf_ids: dict[str, list[list[int]]], max_new_tokens: int,
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hf_model": source.to_json(),
         "llamacpp_setup_seconds": setup_seconds,
         "prompts": {"n": {label: len(prompts[label]) for label in LABELS}, "held_out_seed": 5,
-                    "dropped_as_sampled_by_run": dropped, "prompts": prompts,
+                    "pool_prompts_sampled_by_run": dropped, "prompts": prompts,
                     "stop_token_ids_tlrefusal": stops, "stop_texts": stop_texts,
                     "template_head": chat.head, "template_suffix": chat.suffix},
         "judge": "tlrefusal.refusal.judge_replies: the paper's refusal substrings on greedy replies of "

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -376,10 +377,11 @@ def train_val(splits: Path, n_train: int, n_val: int, seed: int) -> dict[str, li
     return {name: [p.instruction for p in prompts] for name, prompts in sampled.items()}
 
 
-def held_out(splits: Path, n: int, model_folder: Path | None, seed: int = EVAL_SEED) -> dict[str, list[str]]:
+def held_out(splits: Path, n: int, model_folder: Path | None, seed: int = EVAL_SEED,
+             exclude: Iterable[str] = ()) -> dict[str, list[str]]:
     """`n` prompts per label of the paper's test splits that no other benchmark measures on: outside
-    bench_nnsight's first 32, bench_organism's seed 0-4 samples (seed 4 also at its larger sizes) and the
-    organism's own training prompts; drawn by `bench_organism.unused_sample` with `seed`."""
+    bench_nnsight's first 32, bench_organism's seed 0-4 samples (seed 4 also at its larger sizes), the
+    organism's own training prompts and `exclude`; drawn by `bench_organism.unused_sample` with `seed`."""
     from bench_organism import trained_on_paper_prompts, unused_sample
 
     from tlrefusal.data import load_prompts
@@ -389,7 +391,8 @@ def held_out(splits: Path, n: int, model_folder: Path | None, seed: int = EVAL_S
     out = {}
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]
-        used = set(pool[:NNSIGHT_FIRST]) | set(unused_sample(pool, ORGANISM_SEED4[label], 4)) | set(trained)
+        used = (set(pool[:NNSIGHT_FIRST]) | set(unused_sample(pool, ORGANISM_SEED4[label], 4)) | set(trained)
+                | set(exclude))
         out[label] = unused_sample(pool, n, seed, exclude=frozenset(map(normalise_prompt, used)))
     return out
 

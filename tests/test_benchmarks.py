@@ -447,3 +447,22 @@ def test_bench_gguf_memory_smoke(tmp_path, monkeypatch):
     metadata = sum(sum(int(p.nbytes) for p in f.parts) for k, f in reader.fields.items() if not k.startswith("GGUF."))
     assert case["bound"] == 2 * largest + metadata
     assert case["growth"] > 0 and case["edited_tensors"] == 5
+
+
+def test_bench_gguf_draws_its_held_out_prompts_from_outside_what_the_run_sampled(tmp_path):
+    import bench_gguf
+    import bench_heretic
+
+    from tlrefusal import artifacts
+
+    paper_data_flag()
+    splits = PAPER_DATA / "datasets" / "splits"
+    first = bench_heretic.held_out(splits, 8, None)
+    # A run that sampled three of those harmful prompts and one harmless one (prompts.json as extract writes it).
+    sampled = {"harmful_train": [{"instruction": p} for p in first["harmful"][:3]],
+               "harmless_val": [{"instruction": first["harmless"][0]}]}
+    (tmp_path / artifacts.PROMPTS).write_text(json.dumps(sampled))
+    got, n_sampled = bench_gguf.prompts_for(splits, 8, None, tmp_path)
+    assert {label: len(prompts) for label, prompts in got.items()} == {"harmful": 8, "harmless": 8}
+    assert not set(got["harmful"]) & set(first["harmful"][:3]) and first["harmless"][0] not in got["harmless"]
+    assert n_sampled == 4
