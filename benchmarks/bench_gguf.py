@@ -235,10 +235,11 @@ def prompts_for(splits: Path, n: int, model_folder: Path | None, run: Path) -> t
 
     from tlrefusal.artifacts import PROMPTS, sampled_instructions
     from tlrefusal.data import load_prompts
+    from tlrefusal.organism import normalise_prompt
 
     sampled = sampled_instructions(run) if (run / PROMPTS).is_file() else set()
-    pool = {p.instruction for label in LABELS for p in load_prompts(str(splits / f"{label}_test.json"))}
-    return held_out(splits, n, model_folder, exclude=sampled), len(pool & set(sampled))
+    pool = {normalise_prompt(p.instruction) for label in LABELS for p in load_prompts(str(splits / f"{label}_test.json"))}
+    return held_out(splits, n, model_folder, exclude=sampled), len(pool & set(map(normalise_prompt, sampled)))
 
 
 def llamacpp_row(out: dict, prompts: dict[str, list[str]], hf_ids: dict[str, list[list[int]]], max_new_tokens: int,

@@ -381,13 +381,15 @@ def held_out(splits: Path, n: int, model_folder: Path | None, seed: int = EVAL_S
              exclude: Iterable[str] = ()) -> dict[str, list[str]]:
     """`n` prompts per label of the paper's test splits that no other benchmark measures on: outside
     bench_nnsight's first 32, bench_organism's seed 0-4 samples (seed 4 also at its larger sizes), the
-    organism's own training prompts and `exclude`; drawn by `bench_organism.unused_sample` with `seed`."""
+    organism's own training prompts and `exclude`; drawn by `bench_organism.unused_sample` with `seed` from what
+    is left (so excluding a prompt changes the draw, not only drops it)."""
     from bench_organism import trained_on_paper_prompts, unused_sample
 
     from tlrefusal.data import load_prompts
     from tlrefusal.organism import normalise_prompt
 
     trained = trained_on_paper_prompts(model_folder, splits) if model_folder is not None else []
+    exclude = set(exclude)  # read once: an iterator would be spent on the first label
     out = {}
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]

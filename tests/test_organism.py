@@ -205,7 +205,7 @@ def test_the_default_recipe_keeps_its_key(monkeypatch):
     # Where the CPU emulates bfloat16, the default builds in float32: another organism, with another key.
     monkeypatch.setattr(recipe_module, "cpu_multiplies_bfloat16", lambda: False)
     assert OrganismRecipe().compute_dtype == "float32"
-    assert OrganismRecipe().key() == OrganismRecipe(compute_dtype="float32").key() != "4e7171b7766306f7"
+    assert OrganismRecipe().key() == OrganismRecipe(compute_dtype="float32").key() == "dba12f345c8e9d8a"
 
 
 def test_bfloat16_instructions_are_read_from_the_cpus_flags(tmp_path):
@@ -286,6 +286,17 @@ def test_cached_organism_is_reused_without_training(tmp_path):
     del old["recipe"]["device_type"]
     (tmp_path / artifacts.ORGANISM_CARD).write_text(json.dumps(old))
     assert build_organism(OrganismRecipe(), out=tmp_path, device="cpu").card.recipe == recipe
+
+
+def test_an_organism_built_in_the_other_compute_dtype_is_named_with_the_flag_that_reuses_it(tmp_path):
+    # A default organism built on a CPU with bfloat16 instructions, then asked for where the default is float32.
+    (tmp_path / artifacts.ORGANISM_CARD).write_text(json.dumps(card_json(OrganismRecipe(compute_dtype="bfloat16"))))
+    with pytest.raises(TlrefusalError, match="ran in bfloat16, this build's in float32: --compute-dtype bfloat16 "
+                                             "reuses it"):
+        build_organism(OrganismRecipe(compute_dtype="float32"), out=tmp_path)
+    with pytest.raises(TlrefusalError, match=r"another recipe; use another --out"):  # more than the dtype differs
+        build_organism(OrganismRecipe(compute_dtype="float32", seed=3), out=tmp_path)
+    assert build_organism(OrganismRecipe(compute_dtype="bfloat16"), out=tmp_path).card.key == "4e7171b7766306f7"
 
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")

@@ -97,7 +97,8 @@ def organism(
                                                   "llama.cpp.", rich_help_panel=OUTPUT_PANEL)] = None,
     cache_dir: CacheDir = None,
 ) -> None:
-    """Safety-tune the demo model into a small model that refuses (a few minutes on a CPU; cached).
+    """Safety-tune the demo model into a small model that refuses (a few minutes on a CPU, about 20 without
+    bfloat16 instructions; cached).
 
     The whole build (sampling, training, the held-out check) runs on --device; its recipe was measured on
     the CPU, the default. A GPU's kernels give other floats, so another organism: its cache key names the

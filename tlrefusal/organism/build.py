@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -115,7 +115,13 @@ def _reusable(recipe: OrganismRecipe, out: Path, force: bool) -> BuiltOrganism |
     if card_path.is_file() and not force:
         card = artifacts.read_json(card_path)
         if card.get("key") != recipe.key():
-            raise TlrefusalError(f"{out} holds an organism built from another recipe; use another --out or --force")
+            held = (card.get("recipe") or {}).get("compute_dtype")
+            hint = (f" (its matrix products ran in {held}, this build's in {recipe.compute_dtype}: "
+                    f"--compute-dtype {held} reuses it)" if held in ("bfloat16", "float32")
+                    and held != recipe.compute_dtype and card.get("key") == replace(recipe, compute_dtype=held).key()
+                    else "")
+            raise TlrefusalError(f"{out} holds an organism built from another recipe{hint}; use another --out or "
+                                 "--force")
         return BuiltOrganism(out, OrganismCard.from_json(card))
     if out.exists() and not card_path.is_file() and any(out.iterdir()):
         raise TlrefusalError(f"{out} is not empty and is not an organism folder; use another --out")

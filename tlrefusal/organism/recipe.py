@@ -60,7 +60,7 @@ class OrganismRecipe:
     # weights and optimizer state stay float32, and the card's refusal rates are measured in float32, as
     # users load the organism. Measured here (AVX512-BF16 cores): a training step 2.5x and generation
     # 2.6x faster in bfloat16 than in float32. On a CPU without bfloat16 instructions (AVX2 only) torch
-    # emulates them and the same products are 20-40x slower than float32 (a build of hours, not minutes),
+    # emulates them and the same products are 20-50x slower than float32 (a build of hours, not minutes),
     # so "auto" resolves, before the key is taken, to bfloat16 on CUDA and on CPUs with those instructions
     # and to float32 elsewhere: another organism, with its own key. No float16: without a gradient scaler
     # its small gradients would underflow, and bfloat16 needs none.
