@@ -337,8 +337,13 @@ def test_a_kl_filter_that_drops_every_candidate_says_which_threshold_keeps_the_b
     threshold = re.search(r"--kl-threshold (\S+) keeps it", " ".join(output.split())).group(1)
     best = min((c for c in json.loads((out / artifacts.SELECTION).read_text())["candidates"]
                 if c["filtered"] == "kl > 0.0"), key=lambda c: c["bypass_score"])
+    kept = {name: (out / name).read_bytes() for name in (artifacts.PROMPTS, artifacts.MEANS, artifacts.CANDIDATES)}
     args[args.index("--kl-threshold") + 1] = threshold
-    code, output = run([*args, "--force"])
+    code, output = run([*args, "--from", "selection"])  # as the message says: the filter and candidates reused
     assert code == 0, output
+    assert kept == {name: (out / name).read_bytes() for name in kept}
     chosen = json.loads((out / artifacts.SELECTION).read_text())["chosen"]
     assert (chosen["position"], chosen["layer"]) == (best["position"], best["layer"])
+    code, output = run([*args, "--from", "judge"])
+    assert code == 2 and "extract redoes filter, candidates or selection, not judge" in " ".join(
+        output.replace("│", " ").split())

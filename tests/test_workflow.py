@@ -144,6 +144,33 @@ def test_from_selection_rescoring_gives_the_same_selection_and_keeps_earlier_ste
     assert (run_dir / artifacts.ORTHOGONALIZED / artifacts.EXPORT_RECORD).is_file()
 
 
+def test_from_selection_takes_new_selection_settings_and_refuses_new_filter_settings(finished, tmp_path):
+    run_dir = copy_of(finished[0], tmp_path)
+    before = digests(run_dir)
+    # A setting of an earlier step: refused before anything is discarded.
+    code, output = invoke("run", "--out", run_dir, "--from", "selection", "--n-train", "5")
+    assert code == 1 and "--from selection keeps the artifacts of the steps before it, but n_train changed" in output
+    assert "use --from filter" in output and digests(run_dir) == before
+    # The selection's own setting: the filter's and candidates' artifacts stay (not even rewritten), the new
+    # threshold is recorded.
+    kept = (artifacts.PROMPTS, artifacts.MEANS, artifacts.CANDIDATES)
+    stamps = {name: (run_dir / name).stat().st_mtime_ns for name in kept}
+    code, output = invoke("run", "--out", run_dir, "--from", "selection", "--kl-threshold", "1e8")
+    assert code == 0, output
+    assert f"discarded: {run_dir / artifacts.SELECTION}" in output
+    after = digests(run_dir)
+    assert {name: (run_dir / name).stat().st_mtime_ns for name in kept} == stamps
+    for name in kept:
+        assert after[name] == before[name], name
+    config = json.loads((run_dir / artifacts.CONFIG).read_text())
+    assert config["config"]["selection"]["kl_threshold"] == 1e8 and "run" in config
+    selection = json.loads((run_dir / artifacts.SELECTION).read_text())
+    assert selection["config"]["kl_threshold"] == 1e8
+    # A plain rerun now reuses everything under the new setting.
+    code, output = invoke("run", "--out", run_dir)
+    assert code == 0, output and digests(run_dir)[artifacts.SELECTION] == after[artifacts.SELECTION]
+
+
 def test_from_judge_keeps_the_completions_and_runs_no_extraction(finished, tmp_path):
     run_dir = copy_of(finished[0], tmp_path)
     completions = run_dir / artifacts.EVAL_DIR / artifacts.COMPLETIONS_DIR

@@ -47,6 +47,7 @@ from tlrefusal.selection import (
     score_groups,
     scored_keys,
 )
+from tlrefusal.steps import STEPS, affected, setting_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +149,7 @@ class ExtractResult:
 
 
 def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | None = None, force: bool = False,
-                progress: Progress = NO_PROGRESS) -> ExtractResult:
+                progress: Progress = NO_PROGRESS, from_step: str | None = None) -> ExtractResult:
     """Run (or resume) extraction into `run_dir`; `result.direction` is None if no candidate survives.
 
     Every input is checked (prompt files and pool sizes, the model, refusal tokens) before the run folder
@@ -160,12 +161,16 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
     dealt out to the ranks (`distributed.share`), their scores pooled, and every rank returns the same
     result. Each process journals its scores as it goes (`tlrefusal.journal`), so a selection that is
     stopped resumes with what it had scored. Only rank 0 reports progress.
+
+    `from_step` (filter, candidates or selection): the caller has discarded that step's artifacts
+    (`tlrefusal.steps.discard`, after `check_redo`), and the settings of the steps it redoes may differ from
+    those `run_dir` was made with; config.json then records the new ones.
     """
     world = distributed.world()
     if not world.is_main:
         progress = NO_PROGRESS
     with distributed.process_group(world):
-        return _extract(config, Path(run_dir), cache_dir, force, progress, world)
+        return _extract(config, Path(run_dir), cache_dir, force, progress, world, from_step)
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,9 @@ class _Inputs:
     source: ModelSource
     template: ChatTemplate | None
     identity: dict  # config.json: the run's config, data hashes and model folder
-    replace: bool  # (rank 0) the run folder's artifacts must be cleared once the model has loaded
+    # (rank 0) what to do with the run folder once the model has loaded: "keep" it, "clear" its artifacts (a new
+    # setup), or "rewrite" config.json only (--from STEP with new settings of the steps it redoes)
+    claim: str
 
 
 @dataclass(frozen=True)
@@ -192,10 +199,11 @@ class _Prepared:
 
 
 def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, progress: Progress,
-             world: distributed.World) -> ExtractResult:
+             world: distributed.World, from_step: str | None = None) -> ExtractResult:
     seconds, started = {}, time.perf_counter()
     batch_sizes: dict[str, int | list[int]] = {}  # the size each step ran at (--batch-size auto halves on out-of-memory)
-    inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress))
+    inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress,
+                                                           from_step))
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
     model, chat, refusal_ids = distributed.everywhere(world, lambda: _load(config, inputs, world, progress))
@@ -226,7 +234,7 @@ def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force
 
 
 def _inputs(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, world: distributed.World,
-            progress: Progress) -> _Inputs:
+            progress: Progress, from_step: str | None = None) -> _Inputs:
     pools = _load_pools(config, cache_dir)
     sampled = sample_splits(pools["harmful"], pools["harmless"], config.n_train, config.n_val, config.seed,
                             pools.get("harmful_val"), pools.get("harmless_val"))
@@ -238,8 +246,8 @@ def _inputs(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force:
         identity["chat_template_sha256"] = template.sha256
     # Rank 0 alone owns the run folder (other ranks may not even see it). Checked before the model loads: a
     # refusal costs nothing.
-    replace = _check_run_dir(run_dir, identity, force) if world.is_main else False
-    return _Inputs(pools=pools, sampled=sampled, source=source, template=template, identity=identity, replace=replace)
+    claim = _check_run_dir(run_dir, identity, force, from_step) if world.is_main else "keep"
+    return _Inputs(pools=pools, sampled=sampled, source=source, template=template, identity=identity, claim=claim)
 
 
 def _load(config: ExtractConfig, inputs: _Inputs, world: distributed.World, progress: Progress
@@ -258,10 +266,15 @@ def _prepare(run_dir: Path, config: ExtractConfig, inputs: _Inputs, model: Loade
              refusal_ids: list[int], seconds: dict[str, float], batch_sizes: dict[str, int],
              world: distributed.World, progress: Progress) -> _Prepared:
     """(Rank 0) claim the run folder, then filter and compute the candidates, or read them back."""
-    if inputs.replace:
+    config_path = run_dir / artifacts.CONFIG
+    if inputs.claim == "clear":
         _clear(run_dir)
-    if inputs.replace or not (run_dir / artifacts.CONFIG).is_file():  # else it holds this setup (and may hold
-        artifacts.write_json(run_dir / artifacts.CONFIG, inputs.identity)  # `tlrefusal run`'s record)
+        artifacts.write_json(config_path, inputs.identity)
+    elif inputs.claim == "rewrite":  # the new settings, and `tlrefusal run`'s record of its later stages
+        record = {k: v for k, v in artifacts.read_json(config_path).items() if k == RUN_RECORD_KEY}
+        artifacts.write_json(config_path, {**inputs.identity, **record})
+    elif not config_path.is_file():  # else it holds this setup (and may hold `tlrefusal run`'s record)
+        artifacts.write_json(config_path, inputs.identity)
     _write_manifest(run_dir, config, inputs.source, model, chat, refusal_ids, inputs.pools, seconds, world)
     t = time.perf_counter()
     splits, saved = _sample_and_filter(run_dir, config, inputs.sampled, model, chat, refusal_ids, batch_sizes,
@@ -312,24 +325,46 @@ def _load_pools(config: ExtractConfig, cache_dir: Path | None) -> dict[str, list
     return load_pools({name: getattr(config, name) for name in POOLS}, cache_dir)
 
 
-def _check_run_dir(run_dir: Path, identity: dict, force: bool) -> bool:
-    """Refuse a run folder made with another config, model or data (nothing is written); returns whether
-    its artifacts must be cleared (--force, or another setup with --force) once every input has passed."""
+def _check_run_dir(run_dir: Path, identity: dict, force: bool, from_step: str | None = None) -> str:
+    """Refuse a run folder made with another config, model or data (nothing is written), unless --force, or
+    `from_step` redoes every step whose settings changed; returns the claim (`_Inputs.claim`) to make once
+    every input has passed."""
     if run_dir.exists() and not run_dir.is_dir():
         raise TlrefusalError(f"{run_dir} exists and is not a folder")
     config_path = run_dir / artifacts.CONFIG
     if config_path.is_file():
         # `tlrefusal run`'s record of its later stages is not the extraction's setup.
         previous = {k: v for k, v in artifacts.read_json(config_path).items() if k != RUN_RECORD_KEY}
-        if previous != identity and not force:
-            raise TlrefusalError(f"{run_dir} holds a run made with a different setup (differs in: "
-                                 f"{', '.join(_differences(previous, identity))}); use another --out or --force")
-        return previous != identity or force
+        if force:
+            return "clear"
+        if previous == identity:
+            return "keep"
+        if from_step is not None:
+            _refuse_kept_changes(_differences(previous, identity), from_step)
+            return "rewrite"
+        raise TlrefusalError(f"{run_dir} holds a run made with a different setup (differs in: "
+                             f"{', '.join(_differences(previous, identity))}); use another --out or --force")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
             raise TlrefusalError(f"{run_dir} is not empty and is not a tlrefusal run; use another --out")
-        return True
-    return False
+        return "clear"
+    return "keep"
+
+
+def check_redo(run_dir: Path, config: ExtractConfig, step: str) -> None:
+    """Before `--from STEP` discards anything: refuse when a setting of a step it keeps changed since `run_dir`
+    was made (the kept artifacts would not be that setting's)."""
+    path = run_dir / artifacts.CONFIG
+    if path.is_file():
+        _refuse_kept_changes(_differences(artifacts.read_json(path).get("config", {}), config.to_json()), step)
+
+
+def _refuse_kept_changes(changed: list[str], step: str) -> None:
+    redone = affected(step)
+    if kept := [name for name in changed if setting_step(name) not in redone]:
+        first = min((setting_step(name) for name in kept), key=STEPS.index)
+        raise TlrefusalError(f"--from {step} keeps the artifacts of the steps before it, but {', '.join(kept)} "
+                             f"changed since the run was made; use --from {first} (or another --out)")
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -534,8 +569,9 @@ def describe_failure(selection: SelectionResult) -> str:
     if kl_only:
         best = min(kl_only, key=lambda c: c.bypass_score)
         message += (f". Only the KL filter dropped the best of them (position {best.position}, layer {best.layer}, "
-                    f"KL {best.kl_score:.3g}): `tlrefusal show RUN --all` lists them, and re-running with --force "
-                    f"--kl-threshold {_round_up(best.kl_score):.2g} keeps it")
+                    f"KL {best.kl_score:.3g}): `tlrefusal show RUN --all` lists them, and re-running with --from "
+                    f"selection --kl-threshold {_round_up(best.kl_score):.2g} keeps it (the filter and the "
+                    "candidates are reused)")
     return message
 
 

@@ -42,6 +42,13 @@ ARTIFACTS: dict[str, tuple[Path, ...]] = {
 _EVAL_SUMMARY = (_EVAL / artifacts.REPORT_JSON, _EVAL / artifacts.REPORT_MD, _EVAL / artifacts.EVAL_PLOTS_DIR)
 
 
+def setting_step(name: str) -> str:
+    """The first step a setting of the extract stage acts on (a name as the run-setup error gives it:
+    "selection.kl_threshold", "n_train", "data_sha256.harmful"): the selection's own settings act from
+    `selection` on, every other setting (model, data, sampling, filter) from `filter`."""
+    return "selection" if name.startswith("selection.") else "filter"
+
+
 def check_step(step: str) -> str:
     if step not in STEPS:
         raise TlrefusalError(f"unknown step {step!r}; the steps are {', '.join(STEPS)}")

@@ -4,6 +4,7 @@ from typing import Annotated
 
 import typer
 
+from tlrefusal import artifacts
 from tlrefusal.assets import model_names
 from tlrefusal.chat_templates import PAPER_FORMATS
 from tlrefusal.cli.common import (
@@ -36,7 +37,7 @@ from tlrefusal.cli.common import (
     console,
     guarded,
 )
-from tlrefusal.cli.render import render_extract
+from tlrefusal.cli.render import out, render_extract
 
 Source = Annotated[str, typer.Option(rich_help_panel=DATA_PANEL, help="A .json/.jsonl/.csv/.txt file, a dataset name or "
                                                              "demo-harmful / demo-harmless.")]
@@ -96,6 +97,11 @@ def extract(
                                              "is already the paper's.")] = False,
     system_prompt: SystemPrompt = None,
     chat_template_kwargs: ChatTemplateKwargs = None,
+    from_step: Annotated[str | None, typer.Option(
+        "--from", metavar="STEP", rich_help_panel=OUTPUT_PANEL,
+        help="Redo from STEP (filter, candidates or selection): discard its artifacts and those that depend on "
+             "them (the evaluation's too), keep the earlier steps' as they are, and run; the redone steps' "
+             "settings may change (e.g. --from selection --kl-threshold 0.2).")] = None,
     force: Force = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -124,8 +130,12 @@ def extract(
     # progress), and another rank that stops on an error leaves it to rank 0 to print it once.
     from tlrefusal import distributed
 
+    if from_step is not None:
+        _redo_from(out_dir, extract_config, from_step, distributed.world().is_main)
+
     try:
-        result = run_extract(extract_config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console))
+        result = run_extract(extract_config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console),
+                             from_step=from_step)
     except distributed.Reported:
         raise typer.Exit(1) from None
     if not distributed.world().is_main:
@@ -133,6 +143,21 @@ def extract(
     render_extract(result)
     if result.direction is None:
         _fail(describe_failure(result.selection))
+
+
+def _redo_from(run_dir: Path, config, step: str, main: bool) -> None:
+    """--from STEP: check that only the redone steps' settings changed, then (rank 0) discard their artifacts."""
+    from tlrefusal.pipeline import check_redo
+    from tlrefusal.steps import STAGE, check_step, discard
+
+    if STAGE[check_step(step)] != "extract":
+        raise typer.BadParameter(f"extract redoes filter, candidates or selection, not {step} (that is `tlrefusal "
+                                 "run --from`)", param_hint="'--from'")
+    if (run_dir / artifacts.CONFIG).is_file():  # else nothing to redo: a new run
+        check_redo(run_dir, config, step)
+        if main:
+            for path in discard(run_dir, step):
+                out.print(f"discarded: {path}", soft_wrap=True)
 
 
 @app.command(epilog="Example: tlrefusal show runs/organism --top 20")

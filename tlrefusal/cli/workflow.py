@@ -97,8 +97,11 @@ def run_all(
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(STAGE[step])]
         _require_direction(out_dir, stages)
     previous = _previous_record(out_dir)
-    contexts = _stage_contexts(ctx, file, stages, model, out_dir, force)  # every value checked before any work
-    if step is not None:
+    # An extract step is redone by extract itself (--from): it checks that only the redone steps' settings changed
+    # before it discards anything.
+    redo = step if step is not None and STAGE[step] == "extract" and "extract" in stages else None
+    contexts = _stage_contexts(ctx, file, stages, model, out_dir, force, redo)  # every value checked before work
+    if step is not None and redo is None:
         for path in discard(out_dir, step):
             out.print(f"discarded: {path}", soft_wrap=True)
     for stage, sub in contexts.items():
@@ -139,7 +142,7 @@ def _require_direction(run_dir: Path, stages: list[str]) -> None:
 
 
 def _stage_contexts(ctx: typer.Context, file: ConfigFile | None, stages: list[str], model: str | None,
-                    run_dir: Path, force: bool) -> dict[str, typer.Context]:
+                    run_dir: Path, force: bool, redo: str | None = None) -> dict[str, typer.Context]:
     """Each stage's context, parsed as if its command had been typed: the config's values for it, then `run`'s
     flags given on the command line, then what `run` fixes (the run folder, the model, where the export goes)."""
     options = options_by_command(ctx)
@@ -151,7 +154,7 @@ def _stage_contexts(ctx: typer.Context, file: ConfigFile | None, stages: list[st
         values = file.for_command(stage, options) if file is not None else {}
         values.update({options[stage][k]: v for k, v in given.items() if k in options[stage]})
         if stage == "extract":
-            values.update(model=model, out_dir=run_dir, force=force)
+            values.update(model=model, out_dir=run_dir, force=force, from_step=redo)
         elif stage == "eval":
             values.update(run_dir=run_dir)
         else:
