@@ -151,6 +151,14 @@ def test_from_selection_takes_new_selection_settings_and_refuses_new_filter_sett
     code, output = invoke("run", "--out", run_dir, "--from", "selection", "--n-train", "5")
     assert code == 1 and "--from selection keeps the artifacts of the steps before it, but n_train changed" in output
     assert "use --from filter" in output and digests(run_dir) == before
+    # Prompt data edited since the run was made (its hash in config.json differs): refused, nothing discarded.
+    config_path = run_dir / artifacts.CONFIG
+    made = config_path.read_text()
+    config_path.write_text(made.replace(json.loads(made)["data_sha256"]["harmful"], "0" * 64))
+    changed = digests(run_dir)
+    code, output = invoke("run", "--out", run_dir, "--from", "selection")
+    assert code == 1 and "but data_sha256.harmful changed" in output and digests(run_dir) == changed
+    config_path.write_text(made)
     # The selection's own setting: the filter's and candidates' artifacts stay (not even rewritten), the new
     # threshold is recorded.
     kept = (artifacts.PROMPTS, artifacts.MEANS, artifacts.CANDIDATES)
@@ -168,7 +176,8 @@ def test_from_selection_takes_new_selection_settings_and_refuses_new_filter_sett
     assert selection["config"]["kl_threshold"] == 1e8
     # A plain rerun now reuses everything under the new setting.
     code, output = invoke("run", "--out", run_dir)
-    assert code == 0, output and digests(run_dir)[artifacts.SELECTION] == after[artifacts.SELECTION]
+    assert code == 0, output
+    assert digests(run_dir)[artifacts.SELECTION] == after[artifacts.SELECTION]
 
 
 def test_from_judge_keeps_the_completions_and_runs_no_extraction(finished, tmp_path):

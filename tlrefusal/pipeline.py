@@ -47,7 +47,7 @@ from tlrefusal.selection import (
     score_groups,
     scored_keys,
 )
-from tlrefusal.steps import STEPS, affected, setting_step
+from tlrefusal.steps import STAGE, STEPS, affected, check_step, discard, setting_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +146,7 @@ class ExtractResult:
     eoi_tokens: list[str]
     refusal_ids: list[int]
     seconds: dict[str, float]
+    discarded: tuple[Path, ...] = ()  # what `from_step` removed before the run went on
 
 
 def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | None = None, force: bool = False,
@@ -162,9 +163,10 @@ def run_extract(config: ExtractConfig, run_dir: Path | str, cache_dir: Path | No
     result. Each process journals its scores as it goes (`tlrefusal.journal`), so a selection that is
     stopped resumes with what it had scored. Only rank 0 reports progress.
 
-    `from_step` (filter, candidates or selection): the caller has discarded that step's artifacts
-    (`tlrefusal.steps.discard`, after `check_redo`), and the settings of the steps it redoes may differ from
-    those `run_dir` was made with; config.json then records the new ones.
+    `from_step` (filter, candidates or selection): redo that step and every step that depends on it. Once
+    every input has passed, and only if no setting of a step it keeps differs from those `run_dir` was made
+    with, rank 0 discards their artifacts (`tlrefusal.steps.discard`: the evaluation's and the export's too;
+    `result.discarded`) and config.json records the new settings.
     """
     world = distributed.world()
     if not world.is_main:
@@ -183,8 +185,9 @@ class _Inputs:
     template: ChatTemplate | None
     identity: dict  # config.json: the run's config, data hashes and model folder
     # (rank 0) what to do with the run folder once the model has loaded: "keep" it, "clear" its artifacts (a new
-    # setup), or "rewrite" config.json only (--from STEP with new settings of the steps it redoes)
+    # setup), or "redo" from_step (discard its artifacts and its dependants', and record the settings)
     claim: str
+    from_step: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,14 +199,19 @@ class _Prepared:
     directions: torch.Tensor  # candidates [n_pos, n_layer, d_model]
     selection: SelectionResult | None  # selection.json of a run that got that far
     journal_key: str  # what the journal's records must carry (`journal.journal_key`)
+    discarded: tuple[Path, ...] = ()  # what --from removed
 
 
 def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, progress: Progress,
              world: distributed.World, from_step: str | None = None) -> ExtractResult:
     seconds, started = {}, time.perf_counter()
     batch_sizes: dict[str, int | list[int]] = {}  # the size each step ran at (--batch-size auto halves on out-of-memory)
+    if from_step is not None and STAGE[check_step(from_step)] != "extract":
+        raise TlrefusalError(f"extract redoes filter, candidates or selection, not {from_step}")
     inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress,
                                                            from_step))
+    if inputs.from_step is not None and not world.is_main:  # (rank 0 discards the folder's, with its own)
+        journal_file(run_dir / artifacts.SELECTION_JOURNAL, world.rank).unlink(missing_ok=True)
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()
     model, chat, refusal_ids = distributed.everywhere(world, lambda: _load(config, inputs, world, progress))
@@ -230,7 +238,8 @@ def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force
         if direction is not None and (prepared.selection is None or not (run_dir / artifacts.DIRECTION).is_file()):
             direction.save(run_dir / artifacts.DIRECTION)
     return ExtractResult(run_dir=run_dir, **_prompt_stats(prepared.saved), selection=selection, direction=direction,
-                         eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds)
+                         eoi_tokens=chat.eoi_tokens, refusal_ids=refusal_ids, seconds=seconds,
+                         discarded=prepared.discarded)
 
 
 def _inputs(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force: bool, world: distributed.World,
@@ -247,7 +256,8 @@ def _inputs(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force:
     # Rank 0 alone owns the run folder (other ranks may not even see it). Checked before the model loads: a
     # refusal costs nothing.
     claim = _check_run_dir(run_dir, identity, force, from_step) if world.is_main else "keep"
-    return _Inputs(pools=pools, sampled=sampled, source=source, template=template, identity=identity, claim=claim)
+    return _Inputs(pools=pools, sampled=sampled, source=source, template=template, identity=identity, claim=claim,
+                   from_step=from_step)
 
 
 def _load(config: ExtractConfig, inputs: _Inputs, world: distributed.World, progress: Progress
@@ -267,11 +277,13 @@ def _prepare(run_dir: Path, config: ExtractConfig, inputs: _Inputs, model: Loade
              world: distributed.World, progress: Progress) -> _Prepared:
     """(Rank 0) claim the run folder, then filter and compute the candidates, or read them back."""
     config_path = run_dir / artifacts.CONFIG
+    discarded: list[Path] = []
     if inputs.claim == "clear":
         _clear(run_dir)
         artifacts.write_json(config_path, inputs.identity)
-    elif inputs.claim == "rewrite":  # the new settings, and `tlrefusal run`'s record of its later stages
+    elif inputs.claim == "redo":  # the new settings, and `tlrefusal run`'s record of its later stages
         record = {k: v for k, v in artifacts.read_json(config_path).items() if k == RUN_RECORD_KEY}
+        discarded = discard(run_dir, inputs.from_step)
         artifacts.write_json(config_path, {**inputs.identity, **record})
     elif not config_path.is_file():  # else it holds this setup (and may hold `tlrefusal run`'s record)
         artifacts.write_json(config_path, inputs.identity)
@@ -287,7 +299,7 @@ def _prepare(run_dir: Path, config: ExtractConfig, inputs: _Inputs, model: Loade
     selection = SelectionResult.from_json(artifacts.read_json(path)) if path.is_file() else None
     val = {name: [p.instruction for p in getattr(splits, name)] for name in ("harmful_val", "harmless_val")}
     return _Prepared(saved=saved, splits=splits, directions=directions, selection=selection,
-                     journal_key=journal_key(inputs.identity, directions, val, refusal_ids))
+                     journal_key=journal_key(inputs.identity, directions, val, refusal_ids), discarded=tuple(discarded))
 
 
 def _paper_format(source: ModelSource) -> str:
@@ -337,13 +349,14 @@ def _check_run_dir(run_dir: Path, identity: dict, force: bool, from_step: str | 
         previous = {k: v for k, v in artifacts.read_json(config_path).items() if k != RUN_RECORD_KEY}
         if force:
             return "clear"
-        if previous == identity:
-            return "keep"
         if from_step is not None:
             _refuse_kept_changes(_differences(previous, identity), from_step)
-            return "rewrite"
+            return "redo"
+        if previous == identity:
+            return "keep"
         raise TlrefusalError(f"{run_dir} holds a run made with a different setup (differs in: "
-                             f"{', '.join(_differences(previous, identity))}); use another --out or --force")
+                             f"{', '.join(_differences(previous, identity))}); use another --out, --from STEP to "
+                             "redo the steps those settings act on, or --force")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not force:
             raise TlrefusalError(f"{run_dir} is not empty and is not a tlrefusal run; use another --out")
@@ -351,15 +364,8 @@ def _check_run_dir(run_dir: Path, identity: dict, force: bool, from_step: str | 
     return "keep"
 
 
-def check_redo(run_dir: Path, config: ExtractConfig, step: str) -> None:
-    """Before `--from STEP` discards anything: refuse when a setting of a step it keeps changed since `run_dir`
-    was made (the kept artifacts would not be that setting's)."""
-    path = run_dir / artifacts.CONFIG
-    if path.is_file():
-        _refuse_kept_changes(_differences(artifacts.read_json(path).get("config", {}), config.to_json()), step)
-
-
 def _refuse_kept_changes(changed: list[str], step: str) -> None:
+    """--from `step` keeps the artifacts of the steps before it: refuse if a setting they were made with changed."""
     redone = affected(step)
     if kept := [name for name in changed if setting_step(name) not in redone]:
         first = min((setting_step(name) for name in kept), key=STEPS.index)
@@ -559,7 +565,7 @@ def _select(run_dir: Path, model: LoadedModel, chat: ChatFormat, prepared: _Prep
     return result
 
 
-def describe_failure(selection: SelectionResult) -> str:
+def describe_failure(selection: SelectionResult, redo: bool = True) -> str:
     """Why no candidate survived, and the --kl-threshold that would keep the best one the KL filter dropped."""
     counts = ", ".join(f"{reason}: {n}" for reason, n in selection.filter_counts().items())
     message = (f"all candidate directions were filtered out ({counts}); see {artifacts.SELECTION} and "
@@ -569,9 +575,10 @@ def describe_failure(selection: SelectionResult) -> str:
     if kl_only:
         best = min(kl_only, key=lambda c: c.bypass_score)
         message += (f". Only the KL filter dropped the best of them (position {best.position}, layer {best.layer}, "
-                    f"KL {best.kl_score:.3g}): `tlrefusal show RUN --all` lists them, and re-running with --from "
-                    f"selection --kl-threshold {_round_up(best.kl_score):.2g} keeps it (the filter and the "
-                    "candidates are reused)")
+                    f"KL {best.kl_score:.3g}): `tlrefusal show RUN --all` lists them, and re-running with "
+                    + (f"--from selection --kl-threshold {_round_up(best.kl_score):.2g} keeps it (the filter and "
+                       "the candidates are reused)" if redo else
+                       f"--force --kl-threshold {_round_up(best.kl_score):.2g} keeps it"))
     return message
 
 

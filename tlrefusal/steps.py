@@ -45,8 +45,9 @@ _EVAL_SUMMARY = (_EVAL / artifacts.REPORT_JSON, _EVAL / artifacts.REPORT_MD, _EV
 def setting_step(name: str) -> str:
     """The first step a setting of the extract stage acts on (a name as the run-setup error gives it:
     "selection.kl_threshold", "n_train", "data_sha256.harmful"): the selection's own settings act from
-    `selection` on, every other setting (model, data, sampling, filter) from `filter`."""
-    return "selection" if name.startswith("selection.") else "filter"
+    `selection` on, every other setting (model, data, sampling, filter, and the batch size, which the filter and
+    the candidates run at too) from `filter`."""
+    return "selection" if name.startswith("selection.") and name != "selection.batch_size" else "filter"
 
 
 def check_step(step: str) -> str:

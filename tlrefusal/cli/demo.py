@@ -54,7 +54,7 @@ def demo(
     out.print(f"filters: KL <= {selection.kl_threshold} (paper: 0.1), induce >= {selection.induce_threshold}, "
               f"last {selection.prune_layer_fraction:.0%} of layers dropped")
     if result.refusal is None:
-        _fail(describe_failure(result.extract.selection))
+        _fail(describe_failure(result.extract.selection, redo=False))
     render_refusal(result.refusal, max_new_tokens)
     render_export(result.orthogonalized, out_dir / artifacts.ORTHOGONALIZED)
 

@@ -4,7 +4,6 @@ from typing import Annotated
 
 import typer
 
-from tlrefusal import artifacts
 from tlrefusal.assets import model_names
 from tlrefusal.chat_templates import PAPER_FORMATS
 from tlrefusal.cli.common import (
@@ -131,7 +130,7 @@ def extract(
     from tlrefusal import distributed
 
     if from_step is not None:
-        _redo_from(out_dir, extract_config, from_step, distributed.world().is_main)
+        _check_extract_step(from_step)
 
     try:
         result = run_extract(extract_config, out_dir, cache_dir=cache_dir, force=force, progress=RichProgress(console),
@@ -140,24 +139,19 @@ def extract(
         raise typer.Exit(1) from None
     if not distributed.world().is_main:
         return
+    for path in result.discarded:
+        out.print(f"discarded: {path}", soft_wrap=True)
     render_extract(result)
     if result.direction is None:
         _fail(describe_failure(result.selection))
 
 
-def _redo_from(run_dir: Path, config, step: str, main: bool) -> None:
-    """--from STEP: check that only the redone steps' settings changed, then (rank 0) discard their artifacts."""
-    from tlrefusal.pipeline import check_redo
-    from tlrefusal.steps import STAGE, check_step, discard
+def _check_extract_step(step: str) -> None:
+    from tlrefusal.steps import STAGE, check_step
 
     if STAGE[check_step(step)] != "extract":
         raise typer.BadParameter(f"extract redoes filter, candidates or selection, not {step} (that is `tlrefusal "
                                  "run --from`)", param_hint="'--from'")
-    if (run_dir / artifacts.CONFIG).is_file():  # else nothing to redo: a new run
-        check_redo(run_dir, config, step)
-        if main:
-            for path in discard(run_dir, step):
-                out.print(f"discarded: {path}", soft_wrap=True)
 
 
 @app.command(epilog="Example: tlrefusal show runs/organism --top 20")

@@ -94,12 +94,15 @@ def run_all(
     if model is None and "extract" in stages:
         raise typer.BadParameter("missing; give the model, or a --config that names it", param_hint="'MODEL'")
     if step is not None:  # a stage before the step's is already done
+        if STAGE[step] == "extract" and "extract" not in stages:
+            raise typer.BadParameter(f"--from {step} redoes part of the extract stage; add it to --steps",
+                                     param_hint="'--from'")
         stages = [s for s in stages if STAGES.index(s) >= STAGES.index(STAGE[step])]
         _require_direction(out_dir, stages)
     previous = _previous_record(out_dir)
-    # An extract step is redone by extract itself (--from): it checks that only the redone steps' settings changed
-    # before it discards anything.
-    redo = step if step is not None and STAGE[step] == "extract" and "extract" in stages else None
+    # An extract step is redone by extract itself (--from): it discards nothing before every input has passed and
+    # only the redone steps' settings have changed.
+    redo = step if step is not None and STAGE[step] == "extract" else None
     contexts = _stage_contexts(ctx, file, stages, model, out_dir, force, redo)  # every value checked before work
     if step is not None and redo is None:
         for path in discard(out_dir, step):
