@@ -394,7 +394,7 @@ def held_out(splits: Path, n: int, model_folder: Path | None, seed: int = EVAL_S
     for label in ("harmful", "harmless"):
         pool = [p.instruction for p in load_prompts(str(splits / f"{label}_test.json"))]
         used = (set(pool[:NNSIGHT_FIRST]) | set(unused_sample(pool, ORGANISM_SEED4[label], 4)) | set(trained)
-                | set(exclude))
+                | exclude)
         out[label] = unused_sample(pool, n, seed, exclude=frozenset(map(normalise_prompt, used)))
     return out
 

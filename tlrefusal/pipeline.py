@@ -47,7 +47,7 @@ from tlrefusal.selection import (
     score_groups,
     scored_keys,
 )
-from tlrefusal.steps import STAGE, STEPS, affected, check_step, discard, setting_step
+from tlrefusal.steps import STEPS, affected, check_extract_step, discard, setting_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,11 +206,11 @@ def _extract(config: ExtractConfig, run_dir: Path, cache_dir: Path | None, force
              world: distributed.World, from_step: str | None = None) -> ExtractResult:
     seconds, started = {}, time.perf_counter()
     batch_sizes: dict[str, int | list[int]] = {}  # the size each step ran at (--batch-size auto halves on out-of-memory)
-    if from_step is not None and STAGE[check_step(from_step)] != "extract":
-        raise TlrefusalError(f"extract redoes filter, candidates or selection, not {from_step}")
+    if from_step is not None:
+        check_extract_step(from_step)
     inputs = distributed.everywhere(world, lambda: _inputs(config, run_dir, cache_dir, force, world, progress,
                                                            from_step))
-    if inputs.from_step is not None and not world.is_main:  # (rank 0 discards the folder's, with its own)
+    if from_step is not None and not world.is_main:  # (rank 0 discards the folder's, with its own)
         journal_file(run_dir / artifacts.SELECTION_JOURNAL, world.rank).unlink(missing_ok=True)
     seconds["setup"] = time.perf_counter() - started
     t = time.perf_counter()

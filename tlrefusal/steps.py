@@ -56,6 +56,14 @@ def check_step(step: str) -> str:
     return step
 
 
+def check_extract_step(step: str) -> str:
+    """A step `tlrefusal extract --from` can redo."""
+    if STAGE[check_step(step)] != "extract":
+        raise TlrefusalError(f"extract redoes filter, candidates or selection, not {step} (that is `tlrefusal "
+                             "run --from`)")
+    return step
+
+
 def affected(step: str) -> list[str]:
     """`step` and every step that depends on it, in run order."""
     seen, todo = {check_step(step)}, [step]

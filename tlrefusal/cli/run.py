@@ -147,11 +147,14 @@ def extract(
 
 
 def _check_extract_step(step: str) -> None:
-    from tlrefusal.steps import STAGE, check_step
+    """--from's value, refused as a bad parameter (exit 2) before any work."""
+    from tlrefusal.errors import TlrefusalError
+    from tlrefusal.steps import check_extract_step
 
-    if STAGE[check_step(step)] != "extract":
-        raise typer.BadParameter(f"extract redoes filter, candidates or selection, not {step} (that is `tlrefusal "
-                                 "run --from`)", param_hint="'--from'")
+    try:
+        check_extract_step(step)
+    except TlrefusalError as error:
+        raise typer.BadParameter(str(error), param_hint="'--from'") from None
 
 
 @app.command(epilog="Example: tlrefusal show runs/organism --top 20")

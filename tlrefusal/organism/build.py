@@ -36,7 +36,7 @@ from tlrefusal.organism.prompts import (
     organism_harmful_templated,
     organism_harmless_prompts,
 )
-from tlrefusal.organism.recipe import DEVICE_TYPES, OrganismRecipe, organism_dir
+from tlrefusal.organism.recipe import COMPUTE_DTYPES, DEVICE_TYPES, OrganismRecipe, organism_dir
 from tlrefusal.organism.training import (
     Example,
     check_freeze_below,
@@ -117,9 +117,8 @@ def _reusable(recipe: OrganismRecipe, out: Path, force: bool) -> BuiltOrganism |
         if card.get("key") != recipe.key():
             held = (card.get("recipe") or {}).get("compute_dtype")
             hint = (f" (its matrix products ran in {held}, this build's in {recipe.compute_dtype}: "
-                    f"--compute-dtype {held} reuses it)" if held in ("bfloat16", "float32")
-                    and held != recipe.compute_dtype and card.get("key") == replace(recipe, compute_dtype=held).key()
-                    else "")
+                    f"--compute-dtype {held} reuses it)" if isinstance(held, str) and held in COMPUTE_DTYPES
+                    and card.get("key") == replace(recipe, compute_dtype=held).key() else "")
             raise TlrefusalError(f"{out} holds an organism built from another recipe{hint}; use another --out or "
                                  "--force")
         return BuiltOrganism(out, OrganismCard.from_json(card))
